@@ -1,0 +1,193 @@
+"""Argument checks shared by every op and backend (one place, as torchvision keeps them).
+
+Each checker either returns a normalised value or raises ``TypeError``/``ValueError``
+whose message names the argument and says what was expected. They accept NumPy and
+CuPy arrays alike (``rois`` are validated on the host: they are small).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+POOL_MODES = ("avg", "max")
+
+
+def array_module(x):
+    """``numpy`` or ``cupy``, whichever ``x`` belongs to (without importing CuPy)."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy view or copy of a NumPy/CuPy array."""
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def is_array(x) -> bool:
+    """True for NumPy and CuPy arrays (duck-typed on ``shape``/``dtype``/``ndim``)."""
+    return isinstance(x, np.ndarray) or type(x).__module__.split(".")[0] == "cupy"
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """Arithmetic dtype for an input dtype: float16 is computed in float32."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+def check_input(input, name: str = "input"):
+    """``input`` must be a 4-D floating array ``(N, C, H, W)``."""
+    if not is_array(input):
+        raise TypeError(
+            f"{name} must be a NumPy or CuPy array of shape (N, C, H, W), got {type(input).__name__}"
+            " (torch tensors go through roilib.torch)"
+        )
+    if input.ndim != 4:
+        raise ValueError(f"{name} must have 4 dimensions (N, C, H, W), got shape {tuple(input.shape)}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {input.dtype}")
+    if min(input.shape[2:]) < 1:
+        raise ValueError(f"{name} must have a non-empty spatial size (H, W >= 1), got shape {tuple(input.shape)}")
+    return input
+
+
+def check_rois(rois, input, name: str = "rois") -> np.ndarray:
+    """Normalise ``rois`` to a host ``(K, 5)`` array in the input's compute dtype.
+
+    Accepts a ``(K, 5)`` array ``[batch_index, x1, y1, x2, y2]`` or a list/tuple of
+    per-image ``(K_i, 4)`` arrays (image ``i`` gets batch index ``i``).
+    """
+    n_images = input.shape[0]
+    dtype = compute_dtype(input.dtype)
+    if isinstance(rois, (list, tuple)):
+        if len(rois) > n_images:
+            raise ValueError(
+                f"{name} is a list of {len(rois)} per-image box arrays but input has only {n_images} images"
+            )
+        parts = []
+        for i, boxes in enumerate(rois):
+            if not is_array(boxes):
+                raise TypeError(f"{name}[{i}] must be an array of shape (K_{i}, 4), got {type(boxes).__name__}")
+            boxes = to_host(boxes)
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise ValueError(
+                    f"{name}[{i}] must have shape (K_{i}, 4) [x1, y1, x2, y2], got shape {boxes.shape}"
+                )
+            _check_numeric(boxes, f"{name}[{i}]")
+            batch = np.full((boxes.shape[0], 1), i, dtype=np.float64)
+            parts.append(np.concatenate([batch, boxes.astype(np.float64)], axis=1))
+        out = np.concatenate(parts, axis=0) if parts else np.zeros((0, 5))
+        return _check_boxes(out, n_images, name).astype(dtype)
+    if not is_array(rois):
+        raise TypeError(
+            f"{name} must be a (K, 5) array or a list of per-image (K_i, 4) arrays, got {type(rois).__name__}"
+        )
+    rois = to_host(rois)
+    if rois.ndim != 2 or rois.shape[1] != 5:
+        hint = (
+            "; a (K, 4) array lacks the batch index: prepend it or pass a list of per-image arrays"
+            if rois.ndim == 2 and rois.shape[1] == 4
+            else ""
+        )
+        raise ValueError(f"{name} must have shape (K, 5) [batch_index, x1, y1, x2, y2], got shape {rois.shape}{hint}")
+    _check_numeric(rois, name)
+    return _check_boxes(rois.astype(np.float64), n_images, name).astype(dtype)
+
+
+def _check_numeric(a: np.ndarray, name: str) -> None:
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+
+
+def _check_boxes(rois: np.ndarray, n_images: int, name: str) -> np.ndarray:
+    if not np.isfinite(rois).all():
+        bad = int(np.argwhere(~np.isfinite(rois))[0, 0])
+        raise ValueError(f"{name} must be finite; row {bad} is {rois[bad].tolist()}")
+    batch = rois[:, 0]
+    if (batch != np.round(batch)).any():
+        bad = int(np.argwhere(batch != np.round(batch))[0, 0])
+        raise ValueError(f"{name}[:, 0] is the batch index and must be an integer; row {bad} has {batch[bad]}")
+    if ((batch < 0) | (batch >= n_images)).any():
+        bad = int(np.argwhere((batch < 0) | (batch >= n_images))[0, 0])
+        raise ValueError(
+            f"{name}[:, 0] is the batch index and must be in [0, {n_images}) for an input of {n_images} images;"
+            f" row {bad} has {int(batch[bad])}"
+        )
+    return rois
+
+
+def check_output_size(output_size, name: str = "output_size") -> Tuple[int, int]:
+    """An int or a pair of positive ints -> ``(PH, PW)``."""
+    if _is_int(output_size):
+        pair = (output_size, output_size)
+    elif isinstance(output_size, (tuple, list)) and len(output_size) == 2 and all(_is_int(v) for v in output_size):
+        pair = tuple(output_size)
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {output_size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be positive, got {output_size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def check_spatial_scale(spatial_scale, name: str = "spatial_scale") -> float:
+    """A positive finite real number."""
+    if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, numbers.Real):
+        raise TypeError(f"{name} must be a real number (1 / stride), got {spatial_scale!r}")
+    if not np.isfinite(spatial_scale) or spatial_scale <= 0:
+        raise ValueError(f"{name} must be positive and finite (1 / stride), got {spatial_scale!r}")
+    return float(spatial_scale)
+
+
+def check_sampling_ratio(sampling_ratio, name: str = "sampling_ratio") -> int:
+    """An int; ``<= 0`` selects the adaptive grid ``ceil(roi_size / output_size)``."""
+    if not _is_int(sampling_ratio):
+        raise TypeError(f"{name} must be an int (samples per bin and axis, or -1 for adaptive), got {sampling_ratio!r}")
+    return int(sampling_ratio)
+
+
+def check_aligned(aligned, name: str = "aligned") -> bool:
+    if not isinstance(aligned, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {aligned!r}")
+    return bool(aligned)
+
+
+def check_mode(mode, name: str = "mode") -> str:
+    if mode not in POOL_MODES:
+        raise ValueError(f"{name} must be one of {POOL_MODES}, got {mode!r}")
+    return mode
+
+
+def check_levels(levels, name: str = "levels") -> Tuple[int, ...]:
+    """A non-empty sequence of positive ints (pyramid bins per side, coarse to fine)."""
+    if _is_int(levels) or not isinstance(levels, Sequence) or len(levels) == 0:
+        raise TypeError(f"{name} must be a non-empty sequence of ints such as (4, 2, 1), got {levels!r}")
+    if not all(_is_int(n) for n in levels):
+        raise TypeError(f"{name} must contain ints, got {levels!r}")
+    if min(levels) < 1:
+        raise ValueError(f"{name} must be positive, got {levels!r}")
+    return tuple(int(n) for n in levels)
+
+
+def check_grad_output(grad_output, expected_shape: Tuple[int, ...], input, name: str = "grad_output"):
+    """``grad_output`` must match the forward's output shape and the input's dtype."""
+    if not is_array(grad_output):
+        raise TypeError(f"{name} must be an array of shape {expected_shape}, got {type(grad_output).__name__}")
+    if tuple(grad_output.shape) != tuple(expected_shape):
+        raise ValueError(f"{name} must have the forward output's shape {tuple(expected_shape)}, got {tuple(grad_output.shape)}")
+    if grad_output.dtype != input.dtype:
+        raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {grad_output.dtype}")
+    if array_module(grad_output) is not array_module(input):
+        raise TypeError(f"{name} and input must live on the same device (both NumPy or both CuPy)")
+    return grad_output
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+Rois = Union[np.ndarray, Sequence[np.ndarray]]

@@ -1,0 +1,25 @@
+"""NumPy reference implementations: the oracle every other backend is tested against.
+
+One module per op family; all geometry comes from :mod:`roilib.geometry`.
+"""
+from .roi_align import (
+    roi_align,
+    roi_align_backward,
+    roi_align_rois_backward,
+    roi_warp,
+    roi_warp_backward,
+)
+from .roi_pool import roi_pool, roi_pool_backward
+from .spp import spp, spp_backward
+
+__all__ = [
+    "spp",
+    "spp_backward",
+    "roi_pool",
+    "roi_pool_backward",
+    "roi_align",
+    "roi_align_backward",
+    "roi_align_rois_backward",
+    "roi_warp",
+    "roi_warp_backward",
+]

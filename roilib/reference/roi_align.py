@@ -1,0 +1,332 @@
+"""RoIAlign (Mask R-CNN) and RoIWarp (MNC): bilinear samples of a box, pooled per bin.
+
+For one box and one channel, the bilinear samples form ``S = B_y X B_x^T``, where
+``B_y`` (samples x touched rows) and ``B_x`` (samples x touched columns) hold the 1-D
+interpolation weights from :func:`roilib.geometry.interpolation_matrix`. Average pooling
+sums the samples of each bin, so ``avg`` RoIAlign is ``A_y X A_x^T / count`` with
+``A = bin-summed B``: linear, separable, and its backward is the transpose. The code
+applies these small matrices to a channels-last block of the map, all channels at once.
+
+``max`` takes the largest sample of each bin (mmcv's definition: samples outside the
+map count as 0) and routes the gradient through the winning sample's four corners.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from .. import _validate as v
+from ..geometry import AlignBoxes, axis_samples, interpolation_matrix, quantize_boxes, roi_align_boxes
+from ._layout import add_block, channels_first, channels_last, take_block
+
+
+class _BoxSampling:
+    """The interpolation matrices of one box (see the module docstring)."""
+
+    def __init__(self, boxes: AlignBoxes, k: int, output_size: Tuple[int, int], height: int, width: int, dtype):
+        ph, pw = output_size
+        self.ys = axis_samples(boxes.start_y[k], boxes.bin_h[k], boxes.grid_h[k], ph, height, dtype)
+        self.xs = axis_samples(boxes.start_x[k], boxes.bin_w[k], boxes.grid_w[k], pw, width, dtype)
+        self.rows, self.by, self.dy = interpolation_matrix(self.ys, height)
+        self.cols, self.bx, self.dx = interpolation_matrix(self.xs, width)
+        self.count = dtype.type(boxes.count[k])
+        self.output_size = output_size
+
+    @property
+    def empty(self) -> bool:
+        """No sample touches the map: output 0, no gradient."""
+        return self.rows.size == 0 or self.cols.size == 0
+
+    def bin_sum(self, m: np.ndarray, axis: int) -> np.ndarray:
+        """Sum the rows of a per-sample matrix within each bin: ``(P*g, T) -> (P, T)``."""
+        grid = self.ys.grid if axis == 0 else self.xs.grid
+        return m.reshape(self.output_size[axis], grid, -1).sum(axis=1)
+
+    def samples(self, block: np.ndarray, row_matrix=None, col_matrix=None) -> np.ndarray:
+        """``R block C^T`` for a ``(rows, cols, C)`` block -> ``(R.shape[0], C.shape[0], C)``."""
+        row_matrix = self.by if row_matrix is None else row_matrix
+        col_matrix = self.bx if col_matrix is None else col_matrix
+        t = col_matrix @ block  # (rows, n_col_samples, C)
+        return (row_matrix @ t.reshape(t.shape[0], -1)).reshape(row_matrix.shape[0], col_matrix.shape[0], -1)
+
+    def samples_adjoint(self, g: np.ndarray, row_matrix=None, col_matrix=None) -> np.ndarray:
+        """Transpose of :meth:`samples`: ``R^T g C`` -> ``(rows, cols, C)``."""
+        row_matrix = self.by if row_matrix is None else row_matrix
+        col_matrix = self.bx if col_matrix is None else col_matrix
+        t = (row_matrix.T @ g.reshape(g.shape[0], -1)).reshape(row_matrix.shape[1], g.shape[1], -1)
+        return col_matrix.T @ t
+
+    def winners(self, s: np.ndarray) -> np.ndarray:
+        """Index (``iy * g_w + ix``) of each bin's largest sample, shape ``(PH, PW, C)``.
+
+        The first maximal sample in ``iy``-major order wins, like a strict ``>`` loop.
+        """
+        (ph, pw), gh, gw = self.output_size, self.ys.grid, self.xs.grid
+        per_bin = s.reshape(ph, gh, pw, gw, -1).transpose(0, 2, 4, 1, 3).reshape(ph, pw, s.shape[-1], gh * gw)
+        return per_bin.argmax(axis=-1), per_bin
+
+    def winner_mask(self, g: np.ndarray, win: np.ndarray) -> np.ndarray:
+        """Scatter ``g`` (PH, PW, C) onto the sample grid at the winning samples."""
+        (ph, pw), gh, gw = self.output_size, self.ys.grid, self.xs.grid
+        c = g.shape[-1]
+        grid = np.zeros((ph, pw, c, gh * gw), dtype=g.dtype)
+        np.put_along_axis(grid, win[..., None], g[..., None], axis=-1)
+        return grid.reshape(ph, pw, c, gh, gw).transpose(0, 3, 1, 4, 2).reshape(ph * gh, pw * gw, c)
+
+    def coord_derivatives(self, boxes: AlignBoxes, k: int, spatial_scale, axis: int):
+        """``d coord / d (low corner)`` and ``d coord / d (high corner)`` per sample."""
+        samples = self.ys if axis == 0 else self.xs
+        clamped = (boxes.clamped_h if axis == 0 else boxes.clamped_w)[k]
+        s = samples.coord.dtype.type(spatial_scale)
+        if clamped:
+            # roi size was raised to 1: the bins no longer follow the far corner
+            return np.full_like(samples.coord, s), np.zeros_like(samples.coord)
+        f = samples.fraction.astype(samples.coord.dtype)
+        return s * (1 - f), s * f
+
+
+def _check(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
+    v.check_input(input)
+    return (
+        v.check_rois(rois, input),
+        v.check_output_size(output_size),
+        v.check_spatial_scale(spatial_scale),
+        v.check_sampling_ratio(sampling_ratio),
+        v.check_aligned(aligned),
+        v.check_mode(mode),
+    )
+
+
+def _boxes(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """Yield ``(k, image, sampling)`` for every box that touches the map."""
+    _, h, w, _ = x_hwc.shape
+    geo = roi_align_boxes(rois, output_size, spatial_scale, sampling_ratio, aligned, x_hwc.dtype)
+    for k in range(rois.shape[0]):
+        box = _BoxSampling(geo, k, output_size, h, w, x_hwc.dtype)
+        if not box.empty:
+            yield k, int(rois[k, 0]), box, geo
+
+
+def _forward(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
+    out = np.zeros((rois.shape[0],) + output_size + (x.shape[3],), dtype=x.dtype)
+    for k, image, box, _ in _boxes(x, rois, output_size, spatial_scale, sampling_ratio, aligned):
+        block = take_block(x[image], box.rows, box.cols)
+        if mode == "avg":
+            out[k] = box.samples(block, box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1)) / box.count
+        else:
+            win, per_bin = box.winners(box.samples(block))
+            out[k] = np.take_along_axis(per_bin, win[..., None], axis=-1)[..., 0]
+    return out
+
+
+def _backward(g, x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
+    grad = np.zeros_like(x)
+    for k, image, box, _ in _boxes(x, rois, output_size, spatial_scale, sampling_ratio, aligned):
+        if mode == "avg":
+            part = box.samples_adjoint(g[k] / box.count, box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1))
+        else:
+            win, _ = box.winners(box.samples(take_block(x[image], box.rows, box.cols)))
+            part = box.samples_adjoint(box.winner_mask(g[k], win))
+        add_block(grad[image], box.rows, box.cols, part)
+    return grad
+
+
+def roi_align(
+    input: np.ndarray,
+    rois,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    mode: str = "avg",
+) -> np.ndarray:
+    """RoIAlign forward (torchvision semantics; ``mode="max"`` as in mmcv).
+
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, H, W)
+        Feature map, float16/32/64 (float16 is computed in float32).
+    rois : ndarray (K, 5) or list of (K_i, 4) arrays
+        Boxes ``[batch_index, x1, y1, x2, y2]`` in image pixels.
+    output_size : int or (int, int)
+        ``(PH, PW)``.
+    spatial_scale : float
+        Feature-map pixels per image pixel (``1 / stride``).
+    sampling_ratio : int
+        Bilinear samples per bin and axis; ``<= 0`` uses ``ceil(roi_size / output_size)``.
+    aligned : bool
+        Shift the box by -0.5 feature pixel so that pixel ``i``'s value sits at ``i + 0.5``.
+    mode : {"avg", "max"}
+        Average the samples of a bin, or take their max.
+
+    Returns
+    -------
+    ndarray, shape (K, C, PH, PW)
+    """
+    rois, output_size, spatial_scale, sampling_ratio, aligned, mode = _check(
+        input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode
+    )
+    x = channels_last(input)
+    out = _forward(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode)
+    return channels_first(out, input.dtype)
+
+
+def roi_align_backward(
+    grad_output: np.ndarray,
+    input: np.ndarray,
+    rois,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    mode: str = "avg",
+) -> np.ndarray:
+    """Gradient of :func:`roi_align` with respect to ``input``.
+
+    ``avg``: each output's gradient, divided by the sample count, is spread over the
+    four corners of every sample with its bilinear weights (the transpose of the
+    forward). ``max``: only the winning sample's corners receive it.
+
+    Parameters
+    ----------
+    grad_output : ndarray, shape (K, C, PH, PW)
+    input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode
+        As in :func:`roi_align`.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H, W)
+    """
+    rois, output_size, spatial_scale, sampling_ratio, aligned, mode = _check(
+        input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode
+    )
+    v.check_grad_output(grad_output, (rois.shape[0], input.shape[1]) + output_size, input)
+    x = channels_last(input)
+    grad = _backward(channels_last(grad_output), x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode)
+    return channels_first(grad, input.dtype)
+
+
+def roi_align_rois_backward(
+    grad_output: np.ndarray,
+    input: np.ndarray,
+    rois,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    mode: str = "avg",
+) -> np.ndarray:
+    """Gradient of :func:`roi_align` with respect to the box coordinates.
+
+    Every sample position is an affine function of the box:
+    ``y = y1*s - off + (p + (i + 0.5)/g) * (y2 - y1)*s / P``, and the bilinear value
+    changes with ``y`` at rate ``(1 - lx)(X[yh, xl] - X[yl, xl]) + lx (X[yh, xh] - X[yl, xh])``.
+    The chain rule through both gives the result.
+
+    Where it is not differentiable the result is the one-sided derivative of the
+    formula as evaluated: the adaptive grid ``ceil(roi_h / PH)`` and the
+    ``max(roi_h, 1)`` clamp (``aligned=False``) are piecewise constant in the box and
+    their jumps are ignored; a sample on a pixel boundary, clamped at the map's edge
+    (``y <= 0`` or beyond the last pixel) or out of range (``y < -1`` or ``y > H``)
+    contributes 0; in ``max`` mode only the winning sample moves, and a change of
+    winner is a jump.
+
+    Parameters
+    ----------
+    grad_output : ndarray, shape (K, C, PH, PW)
+    input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode
+        As in :func:`roi_align`.
+
+    Returns
+    -------
+    ndarray, shape (K, 5)
+        ``d loss / d [batch_index, x1, y1, x2, y2]`` (the batch column is 0), in the
+        input's dtype, in image-pixel units.
+    """
+    rois, output_size, spatial_scale, sampling_ratio, aligned, mode = _check(
+        input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode
+    )
+    v.check_grad_output(grad_output, (rois.shape[0], input.shape[1]) + output_size, input)
+    x = channels_last(input)
+    g = channels_last(grad_output)
+    grad = np.zeros((rois.shape[0], 5), dtype=x.dtype)
+    for k, image, box, geo in _boxes(x, rois, output_size, spatial_scale, sampling_ratio, aligned):
+        block = np.ascontiguousarray(take_block(x[image], box.rows, box.cols))
+        if mode == "avg":
+            ay, ax = box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1)
+            gk = g[k] / box.count
+            along_x = ax @ block  # (rows, PW, C)
+            along_y = (ay @ block.reshape(block.shape[0], -1)).reshape(ay.shape[0], block.shape[1], -1)
+            # weight of each touched row/column against each output bin
+            per_row = np.tensordot(along_x, gk, axes=([1, 2], [1, 2]))  # (rows, PH)
+            per_col = np.tensordot(along_y, gk, axes=([0, 2], [0, 2]))  # (cols, PW)
+            bin_y = np.arange(box.dy.shape[0]) // max(box.ys.grid, 1)
+            bin_x = np.arange(box.dx.shape[0]) // max(box.xs.grid, 1)
+            dy = (box.dy * per_row.T[bin_y]).sum(axis=1)
+            dx = (box.dx * per_col.T[bin_x]).sum(axis=1)
+        else:
+            win, _ = box.winners(box.samples(block))
+            weights = box.winner_mask(g[k], win)  # (PH*gh, PW*gw, C)
+            dy = (box.samples(block, row_matrix=box.dy) * weights).sum(axis=(1, 2))
+            dx = (box.samples(block, col_matrix=box.dx) * weights).sum(axis=(0, 2))
+        y_lo, y_hi = box.coord_derivatives(geo, k, spatial_scale, 0)
+        x_lo, x_hi = box.coord_derivatives(geo, k, spatial_scale, 1)
+        grad[k, 1:] = [dx @ x_lo, dy @ y_lo, dx @ x_hi, dy @ y_hi]
+    return grad.astype(input.dtype)
+
+
+def _warp_rois(rois: np.ndarray, spatial_scale: float) -> np.ndarray:
+    """RoIWarp's boxes: corners C-rounded on the feature map, as RoIPool does."""
+    out = rois.copy()
+    out[:, 1:] = quantize_boxes(rois, spatial_scale, rois.dtype)
+    return out
+
+
+def roi_warp(input: np.ndarray, rois, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 2, mode: str = "max") -> np.ndarray:
+    """RoIWarp (MNC): RoIPool's rounded box, then RoIAlign's bilinear sampling.
+
+    Equal to ``roi_align(input, q, output_size, 1.0, sampling_ratio, aligned=False,
+    mode=mode)`` with ``q`` the box corners rounded on the feature map
+    (:func:`roilib.geometry.quantize_boxes`).
+
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, H, W)
+    rois : ndarray (K, 5) or list of (K_i, 4) arrays
+    output_size : int or (int, int)
+    spatial_scale : float
+    sampling_ratio : int
+        Samples per bin and axis (``<= 0``: adaptive).
+    mode : {"max", "avg"}
+
+    Returns
+    -------
+    ndarray, shape (K, C, PH, PW)
+    """
+    rois, output_size, spatial_scale, sampling_ratio, _, mode = _check(
+        input, rois, output_size, spatial_scale, sampling_ratio, False, mode
+    )
+    x = channels_last(input)
+    out = _forward(x, _warp_rois(rois, spatial_scale), output_size, 1.0, sampling_ratio, False, mode)
+    return channels_first(out, input.dtype)
+
+
+def roi_warp_backward(
+    grad_output: np.ndarray,
+    input: np.ndarray,
+    rois,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 2,
+    mode: str = "max",
+) -> np.ndarray:
+    """Gradient of :func:`roi_warp` with respect to ``input`` (see :func:`roi_align_backward`)."""
+    rois, output_size, spatial_scale, sampling_ratio, _, mode = _check(
+        input, rois, output_size, spatial_scale, sampling_ratio, False, mode
+    )
+    v.check_grad_output(grad_output, (rois.shape[0], input.shape[1]) + output_size, input)
+    x = channels_last(input)
+    q = _warp_rois(rois, spatial_scale)
+    grad = _backward(channels_last(grad_output), x, q, output_size, 1.0, sampling_ratio, False, mode)
+    return channels_first(grad, input.dtype)
