@@ -37,11 +37,11 @@ __all__ = [
     "roi_align_boxes",
     "AxisSamples",
     "axis_samples",
+    "box_axis_samples",
     "sample_points",
     "BilinearCorners",
     "bilinear_corners",
     "interpolation_matrix",
-    "bin_membership",
 ]
 
 
@@ -327,14 +327,15 @@ def roi_align_boxes(
 
 @dataclass(frozen=True)
 class AxisSamples:
-    """Sample coordinates along one axis of one box, with their 1-D bilinear weights.
+    """Sample coordinates along one axis, with their 1-D bilinear weights.
 
-    For ``n_bins`` bins of ``grid`` samples each, entry ``j`` belongs to bin
+    Fields have shape ``(..., n_bins * grid)``: one row per box when built for several
+    boxes that share a grid size, a plain vector for one box. Entry ``j`` belongs to bin
     ``j // grid`` and is sample ``j % grid`` inside it.
 
     Attributes
     ----------
-    coord : ndarray, shape (n_bins * grid,)
+    coord : ndarray
         Sample positions in feature-map pixels, before any clamping.
     low, high : ndarray of int64
         The two neighbouring pixel indices (equal at the last pixel).
@@ -358,15 +359,21 @@ class AxisSamples:
     slope: np.ndarray
     grid: int
 
+    def __getitem__(self, k) -> "AxisSamples":
+        """The samples of box ``k`` (for fields built over several boxes)."""
+        return AxisSamples(
+            self.coord[k], self.low[k], self.high[k], self.w_low[k], self.w_high[k],
+            self.valid[k], self.slope[k], self.grid,
+        )
+
     @property
     def fraction(self) -> np.ndarray:
         """Position of each sample as a fraction of the box, ``(p + (i + 0.5)/g) / P``."""
-        n = self.coord.shape[0]
+        n = self.coord.shape[-1]
         if n == 0:
             return np.zeros(0, dtype=self.coord.dtype)
         j = np.arange(n)
-        n_bins = n // self.grid
-        return ((j // self.grid) + ((j % self.grid) + 0.5) / self.grid) / n_bins
+        return ((j // self.grid) + ((j % self.grid) + 0.5) / self.grid) / (n // self.grid)
 
 
 def sample_points(start, bin_size, grid: int, n_bins: int, dtype=np.float64) -> np.ndarray:
@@ -377,10 +384,10 @@ def sample_points(start, bin_size, grid: int, n_bins: int, dtype=np.float64) -> 
 
     Parameters
     ----------
-    start, bin_size : float
+    start, bin_size : float or ndarray of shape (K,)
         Box edge and bin size in feature-map pixels.
     grid : int
-        Samples per bin (``g``).
+        Samples per bin (``g``), shared by all the boxes.
     n_bins : int
         Number of bins (``P``).
     dtype : numpy dtype
@@ -388,15 +395,16 @@ def sample_points(start, bin_size, grid: int, n_bins: int, dtype=np.float64) -> 
 
     Returns
     -------
-    ndarray, shape (n_bins * grid,)
+    ndarray, shape (n_bins * grid,) or (K, n_bins * grid)
         Bin-major: the ``grid`` samples of bin 0, then of bin 1, ...
     """
     t = np.dtype(dtype).type
+    start = np.asarray(start, dtype=dtype)[..., None]
+    bin_size = np.asarray(bin_size, dtype=dtype)[..., None]
     if grid <= 0:
-        return np.zeros(0, dtype=dtype)
+        return np.zeros(start.shape[:-1] + (0,), dtype=dtype)
     p = np.repeat(np.arange(n_bins, dtype=dtype), grid)
     i = np.tile(np.arange(grid, dtype=dtype) + t(0.5), n_bins)
-    start, bin_size = t(start), t(bin_size)
     return (start + p * bin_size) + (i * bin_size) / t(grid)
 
 
@@ -419,12 +427,13 @@ def _bilinear_axis(coord: np.ndarray, size: int):
 
 
 def axis_samples(start, bin_size, grid: int, n_bins: int, size: int, dtype=np.float64) -> AxisSamples:
-    """Sample points of one box along one axis and their bilinear neighbours.
+    """Sample points along one axis and their bilinear neighbours.
 
     Parameters
     ----------
-    start, bin_size : float
-        From :func:`roi_align_boxes` (``start_y``/``bin_h`` or ``start_x``/``bin_w``).
+    start, bin_size : float or ndarray of shape (K,)
+        From :func:`roi_align_boxes` (``start_y``/``bin_h`` or ``start_x``/``bin_w``), for
+        one box or for several boxes with the same ``grid``.
     grid : int
         Samples per bin.
     n_bins : int
@@ -441,6 +450,30 @@ def axis_samples(start, bin_size, grid: int, n_bins: int, size: int, dtype=np.fl
     coord = sample_points(start, bin_size, grid, n_bins, dtype)
     low, high, w_low, w_high, valid, slope, _ = _bilinear_axis(coord, size)
     return AxisSamples(coord, low, high, w_low, w_high, valid, slope, int(max(grid, 0)))
+
+
+def box_axis_samples(start: np.ndarray, bin_size: np.ndarray, grid: np.ndarray, n_bins: int, size: int, dtype) -> list:
+    """:func:`axis_samples` for every box, computed once per distinct grid size.
+
+    Parameters
+    ----------
+    start, bin_size : ndarray, shape (K,)
+    grid : ndarray of int, shape (K,)
+    n_bins, size : int
+    dtype : numpy dtype
+
+    Returns
+    -------
+    list of AxisSamples
+        Entry ``k`` holds box ``k``'s samples (1-D fields).
+    """
+    out = [None] * len(grid)
+    for g in np.unique(grid):
+        idx = np.flatnonzero(grid == g)
+        group = axis_samples(start[idx], bin_size[idx], int(g), n_bins, size, dtype)
+        for row, k in enumerate(idx):
+            out[k] = group[row]
+    return out
 
 
 @dataclass(frozen=True)
@@ -501,18 +534,21 @@ def bilinear_corners(y: float, x: float, height: int, width: int, dtype=np.float
     return BilinearCorners(float(yc[0]), float(xc[0]), int(ly[0]), int(hy[0]), int(lx[0]), int(hx[0]), w, valid)
 
 
-def interpolation_matrix(samples: AxisSamples, size: int):
-    """The samples' 1-D interpolation weights as a small dense matrix.
+def interpolation_matrix(samples: AxisSamples, size: int, slopes: bool = False):
+    """One box's 1-D interpolation weights as a small dense matrix.
 
-    Only the pixels some sample touches get a column, so a box's matrix stays small
-    however large the map is.
+    Only the pixels some valid sample touches get a column, so a box's matrix stays
+    small however large the map is, and sparse sampling (a fixed ``sampling_ratio`` on a
+    large box) gathers only the rows and columns it reads.
 
     Parameters
     ----------
     samples : AxisSamples
-        One box, one axis.
+        One box, one axis (1-D fields).
     size : int
         Map size along the axis.
+    slopes : bool
+        Also return the derivative matrix (for box-coordinate gradients).
 
     Returns
     -------
@@ -520,46 +556,32 @@ def interpolation_matrix(samples: AxisSamples, size: int):
         Sorted pixel indices touched by at least one valid sample.
     weights : ndarray, shape (n_samples, T)
         ``weights[j, t]`` is the weight of pixel ``index[t]`` in sample ``j``.
-    slopes : ndarray, shape (n_samples, T)
-        ``d weights / d coord``: ``-slope`` on the low pixel, ``+slope`` on the high one.
+    derivative : ndarray, shape (n_samples, T)
+        Only with ``slopes=True``: ``d weights / d coord``, ``-slope`` on the low pixel
+        and ``+slope`` on the high one.
     """
     v = samples.valid
-    index = np.unique(np.concatenate([samples.low[v], samples.high[v]]))
     n = samples.coord.shape[0]
     dtype = samples.coord.dtype
-    weights = np.zeros((n, index.shape[0]), dtype=dtype)
-    slopes = np.zeros((n, index.shape[0]), dtype=dtype)
-    if index.shape[0]:
-        rows = np.arange(n)[v]
-        lo = np.searchsorted(index, samples.low[v])
-        hi = np.searchsorted(index, samples.high[v])
-        np.add.at(weights, (rows, lo), samples.w_low[v])
-        np.add.at(weights, (rows, hi), samples.w_high[v])
-        np.add.at(slopes, (rows, lo), -samples.slope[v])
-        np.add.at(slopes, (rows, hi), samples.slope[v])
-    return index, weights, slopes
-
-
-def bin_membership(start: np.ndarray, end: np.ndarray):
-    """Integer bins ``[start, end)`` as padded index lists for vectorised pooling.
-
-    Parameters
-    ----------
-    start, end : ndarray of int64, shape (P,)
-        Bin ranges (possibly overlapping or empty).
-
-    Returns
-    -------
-    index : ndarray of int64, shape (P, L)
-        ``index[p, :n_p]`` lists bin ``p``'s pixels in increasing order; the rest repeats
-        its first pixel (harmless for a max whose ties go to the first occurrence).
-        Empty bins hold 0.
-    empty : ndarray of bool, shape (P,)
-    """
-    length = np.maximum(end - start, 0)
-    width = max(int(length.max()) if length.size else 0, 1)
-    offs = np.arange(width)
-    index = start[:, None] + np.minimum(offs[None, :], np.maximum(length[:, None] - 1, 0))
-    empty = length == 0
-    index = np.where(empty[:, None], 0, index)
-    return index, empty
+    if not v.any():
+        empty = np.zeros((n, 0), dtype=dtype)
+        return (np.zeros(0, dtype=np.int64), empty) + ((empty,) if slopes else ())
+    first = int(samples.low[v].min())
+    span = int(samples.high[v].max()) + 1 - first
+    lo = np.where(v, samples.low - first, 0)
+    hi = np.where(v, samples.high - first, 0)
+    j = np.arange(n)
+    weights = np.zeros((n, span), dtype=dtype)
+    weights[j, lo] = samples.w_low
+    weights[j, hi] += samples.w_high  # lo == hi at the last pixel: the weights add up
+    touched = np.zeros(span, dtype=bool)
+    touched[lo[v]] = True
+    touched[hi[v]] = True
+    keep = slice(None) if touched.all() else np.flatnonzero(touched)
+    index = np.arange(first, first + span)[keep]
+    if not slopes:
+        return index, weights[:, keep]
+    derivative = np.zeros((n, span), dtype=dtype)
+    derivative[j, lo] = -samples.slope
+    derivative[j, hi] += samples.slope
+    return index, weights[:, keep], derivative[:, keep]

@@ -5,13 +5,37 @@ from typing import Tuple
 
 import numpy as np
 
-from ..geometry import bin_membership
+
+
+def _reduce_bins(a: np.ndarray, bins, axis: int, with_arg: bool):
+    """Max (and first argmax) of ``a`` over each ``[start, end)`` range along ``axis``.
+
+    Each bin is a view, so nothing is gathered; empty bins give 0 and index 0.
+    """
+    starts, ends = bins
+    shape = list(a.shape)
+    shape[axis] = len(starts)
+    best = np.zeros(shape, dtype=a.dtype)
+    arg = np.zeros(shape, dtype=np.int64) if with_arg else None
+    for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+        if e <= s:
+            continue
+        window = a[:, s:e] if axis == 1 else a[s:e]
+        at = (slice(None), i) if axis == 1 else (i,)
+        if with_arg:
+            first = window.argmax(axis=axis)
+            arg[at] = first + s
+            best[at] = np.take_along_axis(window, np.expand_dims(first, axis), axis=axis).squeeze(axis)
+        else:
+            best[at] = window.max(axis=axis)
+    return best, arg
 
 
 def window_max(
     region: np.ndarray,
     row_bins: Tuple[np.ndarray, np.ndarray],
     col_bins: Tuple[np.ndarray, np.ndarray],
+    with_arg: bool = False,
 ):
     """Max of each ``row bin x column bin`` window of a channels-last block.
 
@@ -26,31 +50,24 @@ def window_max(
         The block of the map the bins index into.
     row_bins, col_bins : (start, end) pairs of int arrays, shapes (P,) and (Q,)
         Bin ranges relative to ``region``; bins may overlap or be empty.
+    with_arg : bool
+        Also locate the maxima (for the backward pass).
 
     Returns
     -------
     values : ndarray, shape (P, Q, C)
         Window maxima; 0 for empty windows.
-    arg_row, arg_col : ndarray of int64, shape (P, Q, C)
-        Where each max sits in ``region``.
+    arg_row, arg_col : ndarray of int64, shape (P, Q, C), or None
+        Where each max sits in ``region`` (only with ``with_arg``).
     empty : ndarray of bool, shape (P, Q)
     """
-    col_index, col_empty = bin_membership(*col_bins)
-    row_index, row_empty = bin_membership(*row_bins)
-    n_q, n_c = col_index.shape[0], region.shape[2]
-    q = np.arange(n_q)[None, :, None]
-    ch = np.arange(n_c)
-    by_col = region[:, col_index, :]  # (R, Q, Lc, C)
-    first_col = by_col.argmax(axis=2)  # (R, Q, C)
-    row_max = np.take_along_axis(by_col, first_col[:, :, None, :], axis=2)[:, :, 0, :]
-    row_arg = col_index[q, first_col]  # (R, Q, C)
-    by_row = row_max[row_index]  # (P, Lr, Q, C)
-    first_row = by_row.argmax(axis=1)  # (P, Q, C)
-    values = np.take_along_axis(by_row, first_row[:, None], axis=1)[:, 0]
-    arg_row = row_index[np.arange(row_index.shape[0])[:, None, None], first_row]
-    arg_col = row_arg[arg_row, q, ch]
-    empty = row_empty[:, None] | col_empty[None, :]
+    row_max, row_arg = _reduce_bins(region, col_bins, 1, with_arg)  # (R, Q, C)
+    values, arg_row = _reduce_bins(row_max, row_bins, 0, with_arg)  # (P, Q, C)
+    empty = (row_bins[1] <= row_bins[0])[:, None] | (col_bins[1] <= col_bins[0])[None, :]
     values[empty] = 0
+    arg_col = None
+    if with_arg:
+        arg_col = np.take_along_axis(row_arg, arg_row, axis=0)
     return values, arg_row, arg_col, empty
 
 

@@ -17,20 +17,20 @@ from typing import Tuple
 import numpy as np
 
 from .. import _validate as v
-from ..geometry import AlignBoxes, axis_samples, interpolation_matrix, quantize_boxes, roi_align_boxes
+from ..geometry import AlignBoxes, box_axis_samples, interpolation_matrix, quantize_boxes, roi_align_boxes
 from ._layout import add_block, channels_first, channels_last, take_block
 
 
 class _BoxSampling:
     """The interpolation matrices of one box (see the module docstring)."""
 
-    def __init__(self, boxes: AlignBoxes, k: int, output_size: Tuple[int, int], height: int, width: int, dtype):
-        ph, pw = output_size
-        self.ys = axis_samples(boxes.start_y[k], boxes.bin_h[k], boxes.grid_h[k], ph, height, dtype)
-        self.xs = axis_samples(boxes.start_x[k], boxes.bin_w[k], boxes.grid_w[k], pw, width, dtype)
-        self.rows, self.by, self.dy = interpolation_matrix(self.ys, height)
-        self.cols, self.bx, self.dx = interpolation_matrix(self.xs, width)
-        self.count = dtype.type(boxes.count[k])
+    def __init__(self, ys, xs, count, output_size: Tuple[int, int], height: int, width: int, slopes: bool):
+        self.ys, self.xs = ys, xs
+        self.rows, self.by, *dy = interpolation_matrix(ys, height, slopes)
+        self.cols, self.bx, *dx = interpolation_matrix(xs, width, slopes)
+        if slopes:
+            self.dy, self.dx = dy[0], dx[0]
+        self.count = ys.coord.dtype.type(count)
         self.output_size = output_size
 
     @property
@@ -98,12 +98,16 @@ def _check(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mod
     )
 
 
-def _boxes(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned):
-    """Yield ``(k, image, sampling)`` for every box that touches the map."""
+def _boxes(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, slopes=False):
+    """Yield ``(k, image, sampling, geometry)`` for every box that touches the map."""
     _, h, w, _ = x_hwc.shape
-    geo = roi_align_boxes(rois, output_size, spatial_scale, sampling_ratio, aligned, x_hwc.dtype)
+    (ph, pw), dtype = output_size, x_hwc.dtype
+    geo = roi_align_boxes(rois, output_size, spatial_scale, sampling_ratio, aligned, dtype)
+    ys = box_axis_samples(geo.start_y, geo.bin_h, geo.grid_h, ph, h, dtype)
+    xs = box_axis_samples(geo.start_x, geo.bin_w, geo.grid_w, pw, w, dtype)
+    count = geo.count
     for k in range(rois.shape[0]):
-        box = _BoxSampling(geo, k, output_size, h, w, x_hwc.dtype)
+        box = _BoxSampling(ys[k], xs[k], count[k], output_size, h, w, slopes)
         if not box.empty:
             yield k, int(rois[k, 0]), box, geo
 
@@ -251,7 +255,7 @@ def roi_align_rois_backward(
     x = channels_last(input)
     g = channels_last(grad_output)
     grad = np.zeros((rois.shape[0], 5), dtype=x.dtype)
-    for k, image, box, geo in _boxes(x, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    for k, image, box, geo in _boxes(x, rois, output_size, spatial_scale, sampling_ratio, aligned, slopes=True):
         block = np.ascontiguousarray(take_block(x[image], box.rows, box.cols))
         if mode == "avg":
             ay, ax = box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1)

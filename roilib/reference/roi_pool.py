@@ -22,7 +22,7 @@ def _check(input, rois, output_size, spatial_scale):
     )
 
 
-def _pool_boxes(x_hwc, rois, output_size, spatial_scale):
+def _pool_boxes(x_hwc, rois, output_size, spatial_scale, with_arg=False):
     """Yield ``(k, image, row0, col0, values, arg_row, arg_col, empty)`` per non-empty box."""
     n, h, w, c = x_hwc.shape
     bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, x_hwc.dtype)
@@ -33,7 +33,7 @@ def _pool_boxes(x_hwc, rois, output_size, spatial_scale):
             continue
         image = int(rois[k, 0])
         region = x_hwc[image, r0:r1, c0:c1]
-        values, ar, ac, empty = window_max(region, (hs - r0, he - r0), (ws - c0, we - c0))
+        values, ar, ac, empty = window_max(region, (hs - r0, he - r0), (ws - c0, we - c0), with_arg)
         yield k, image, r0, c0, values, ar, ac, empty
 
 
@@ -87,7 +87,7 @@ def roi_pool_backward(grad_output: np.ndarray, input: np.ndarray, rois, output_s
     g = channels_last(grad_output)  # (K, PH, PW, C)
     index, weight = [], []
     ch = np.arange(c)
-    for k, image, r0, c0, _, ar, ac, empty in _pool_boxes(x, rois, output_size, spatial_scale):
+    for k, image, r0, c0, _, ar, ac, empty in _pool_boxes(x, rois, output_size, spatial_scale, with_arg=True):
         keep = np.broadcast_to(~empty[:, :, None], ar.shape)
         flat = ((image * h + (ar + r0)) * w + (ac + c0)) * c + ch
         index.append(flat[keep])

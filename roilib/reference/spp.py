@@ -87,7 +87,7 @@ def spp_backward(grad_output: np.ndarray, input: np.ndarray, levels=(4, 2, 1), m
         if mode == "max":
             rows, cols = spp_bins(h, n), spp_bins(w, n)
             for i in range(n_img):
-                _, ar, ac, _ = window_max(x[i], rows, cols)
+                _, ar, ac, _ = window_max(x[i], rows, cols, with_arg=True)
                 grad[i] += scatter_argmax((h, w, c), ((ar * w + ac) * c + ch).ravel(), gl[i].ravel(), x.dtype)
         else:
             ay, ax = _bin_average_matrix(h, n, x.dtype), _bin_average_matrix(w, n, x.dtype)
