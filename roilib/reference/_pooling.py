@@ -1,4 +1,10 @@
-"""Max over integer windows with torchvision's tie rule, shared by RoIPool and SPP."""
+"""Max over integer windows with torchvision's tie rule, shared by RoIPool and SPP.
+
+Works channels-last, ``(R, S, C)``: reducing a window over rows or columns is then an
+elementwise max of contiguous channel vectors, which NumPy vectorises well. Finding
+*where* the max sits uses the same elementwise machinery (see :func:`_reduce_bins`)
+instead of ``argmax`` along a strided axis, which is an order of magnitude slower.
+"""
 from __future__ import annotations
 
 from typing import Tuple
@@ -6,11 +12,24 @@ from typing import Tuple
 import numpy as np
 
 
+def _first_hit(window: np.ndarray, best: np.ndarray, axis: int) -> np.ndarray:
+    """Index of the first entry of ``window`` along ``axis`` equal to ``best``.
+
+    Entry ``j`` of ``n`` is ranked ``n - j``; the largest rank among the hits is the
+    first hit. A NaN max has no hit and falls back to the last index.
+    """
+    n = window.shape[axis]
+    shape = [1] * window.ndim
+    shape[axis] = n
+    rank = np.arange(n, 0, -1, dtype=np.uint8 if n < 256 else np.uint32).reshape(shape)
+    hit = window == np.expand_dims(best, axis)
+    return np.minimum(n - (hit.view(np.uint8) * rank).max(axis=axis).astype(np.int64), n - 1)
+
 
 def _reduce_bins(a: np.ndarray, bins, axis: int, with_arg: bool):
-    """Max (and first argmax) of ``a`` over each ``[start, end)`` range along ``axis``.
+    """Max (and first argmax) of ``a`` over each ``[start, end)`` range along ``axis`` (0 or 1).
 
-    Each bin is a view, so nothing is gathered; empty bins give 0 and index 0.
+    The bins become ``axis``; empty bins give 0 and index 0.
     """
     starts, ends = bins
     shape = list(a.shape)
@@ -20,14 +39,10 @@ def _reduce_bins(a: np.ndarray, bins, axis: int, with_arg: bool):
     for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
         if e <= s:
             continue
-        window = a[:, s:e] if axis == 1 else a[s:e]
-        at = (slice(None), i) if axis == 1 else (i,)
+        window, at = (a[s:e], (i,)) if axis == 0 else (a[:, s:e], (slice(None), i))
+        best[at] = window.max(axis=axis)
         if with_arg:
-            first = window.argmax(axis=axis)
-            arg[at] = first + s
-            best[at] = np.take_along_axis(window, np.expand_dims(first, axis), axis=axis).squeeze(axis)
-        else:
-            best[at] = window.max(axis=axis)
+            arg[at] = _first_hit(window, best[at], axis) + s
     return best, arg
 
 
@@ -65,17 +80,5 @@ def window_max(
     values, arg_row = _reduce_bins(row_max, row_bins, 0, with_arg)  # (P, Q, C)
     empty = (row_bins[1] <= row_bins[0])[:, None] | (col_bins[1] <= col_bins[0])[None, :]
     values[empty] = 0
-    arg_col = None
-    if with_arg:
-        arg_col = np.take_along_axis(row_arg, arg_row, axis=0)
+    arg_col = np.take_along_axis(row_arg, arg_row, axis=0) if with_arg else None
     return values, arg_row, arg_col, empty
-
-
-def scatter_argmax(shape, flat_index: np.ndarray, weights: np.ndarray, dtype) -> np.ndarray:
-    """Sum ``weights`` into a zero array of ``shape`` at ``flat_index`` (repeats add up).
-
-    ``np.bincount`` adds in index order, so the result is deterministic.
-    """
-    total = int(np.prod(shape))
-    out = np.bincount(flat_index, weights=weights, minlength=total)
-    return out.reshape(shape).astype(dtype)

@@ -10,7 +10,7 @@ import numpy as np
 from .. import _validate as v
 from ..geometry import roi_pool_bins
 from ._layout import channels_first, channels_last
-from ._pooling import scatter_argmax, window_max
+from ._pooling import window_max
 
 
 def _check(input, rois, output_size, spatial_scale):
@@ -23,8 +23,8 @@ def _check(input, rois, output_size, spatial_scale):
 
 
 def _pool_boxes(x_hwc, rois, output_size, spatial_scale, with_arg=False):
-    """Yield ``(k, image, row0, col0, values, arg_row, arg_col, empty)`` per non-empty box."""
-    n, h, w, c = x_hwc.shape
+    """Yield ``(k, image, row0, col0, values, arg_row, arg_col, empty)`` per box touching the map."""
+    _, h, w, _ = x_hwc.shape
     bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, x_hwc.dtype)
     for k in range(rois.shape[0]):
         hs, he, ws, we = bins.hstart[k], bins.hend[k], bins.wstart[k], bins.wend[k]
@@ -68,7 +68,8 @@ def roi_pool_backward(grad_output: np.ndarray, input: np.ndarray, rois, output_s
     """Gradient of :func:`roi_pool` with respect to ``input``.
 
     Each output's gradient goes to the pixel its max came from (the first such pixel in
-    row-major order on ties); empty bins route nothing.
+    row-major order on ties); empty bins route nothing. Contributions are added in box
+    order, so the result is deterministic.
 
     Parameters
     ----------
@@ -84,15 +85,10 @@ def roi_pool_backward(grad_output: np.ndarray, input: np.ndarray, rois, output_s
     v.check_grad_output(grad_output, (rois.shape[0], input.shape[1]) + output_size, input)
     x = channels_last(input)
     n, h, w, c = x.shape
-    g = channels_last(grad_output)  # (K, PH, PW, C)
-    index, weight = [], []
+    g = channels_last(grad_output)
+    grad = np.zeros(x.size, dtype=x.dtype)
     ch = np.arange(c)
     for k, image, r0, c0, _, ar, ac, empty in _pool_boxes(x, rois, output_size, spatial_scale, with_arg=True):
-        keep = np.broadcast_to(~empty[:, :, None], ar.shape)
-        flat = ((image * h + (ar + r0)) * w + (ac + c0)) * c + ch
-        index.append(flat[keep])
-        weight.append(g[k][keep])
-    if not index:
-        return np.zeros_like(input)
-    grad = scatter_argmax((n, h, w, c), np.concatenate(index), np.concatenate(weight), x.dtype)
-    return channels_first(grad, input.dtype)
+        flat = ((image * h + r0 + ar[~empty]) * w + c0 + ac[~empty]) * c + ch
+        np.add.at(grad, flat.ravel(), g[k][~empty].ravel())
+    return channels_first(grad.reshape(x.shape), input.dtype)

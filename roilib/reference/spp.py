@@ -5,8 +5,8 @@ import numpy as np
 
 from .. import _validate as v
 from ..geometry import spp_bins
-from ._layout import channels_last
-from ._pooling import scatter_argmax, window_max
+from ._layout import channels_first, channels_last
+from ._pooling import window_max
 
 
 def _bin_average_matrix(length: int, n: int, dtype) -> np.ndarray:
@@ -53,7 +53,7 @@ def spp(input: np.ndarray, levels=(4, 2, 1), mode: str = "max") -> np.ndarray:
         else:
             ay, ax = _bin_average_matrix(h, n, x.dtype), _bin_average_matrix(w, n, x.dtype)
             pooled = np.einsum("ph,nhwc,qw->npqc", ay, x, ax)
-        parts.append(pooled.transpose(0, 3, 1, 2).reshape(n_img, -1))
+        parts.append(channels_first(pooled, x.dtype).reshape(n_img, -1))
     return np.concatenate(parts, axis=1).astype(input.dtype)
 
 
@@ -77,8 +77,8 @@ def spp_backward(grad_output: np.ndarray, input: np.ndarray, levels=(4, 2, 1), m
     n_img, c, h, w = input.shape
     v.check_grad_output(grad_output, (n_img, c * sum(n * n for n in levels)), input)
     x = channels_last(input)
-    g = grad_output.astype(x.dtype)
-    grad = np.zeros((n_img, h, w, c), dtype=x.dtype)
+    g = grad_output.astype(x.dtype, copy=False)
+    grad = np.zeros(x.shape, dtype=x.dtype)
     offset = 0
     ch = np.arange(c)
     for n in levels:
@@ -88,8 +88,8 @@ def spp_backward(grad_output: np.ndarray, input: np.ndarray, levels=(4, 2, 1), m
             rows, cols = spp_bins(h, n), spp_bins(w, n)
             for i in range(n_img):
                 _, ar, ac, _ = window_max(x[i], rows, cols, with_arg=True)
-                grad[i] += scatter_argmax((h, w, c), ((ar * w + ac) * c + ch).ravel(), gl[i].ravel(), x.dtype)
+                np.add.at(grad[i].reshape(-1), ((ar * w + ac) * c + ch).ravel(), gl[i].ravel())
         else:
             ay, ax = _bin_average_matrix(h, n, x.dtype), _bin_average_matrix(w, n, x.dtype)
             grad += np.einsum("ph,npqc,qw->nhwc", ay, gl, ax)
-    return np.ascontiguousarray(grad.transpose(0, 3, 1, 2), dtype=input.dtype)
+    return channels_first(grad, input.dtype)
