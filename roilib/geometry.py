@@ -42,6 +42,8 @@ __all__ = [
     "BilinearCorners",
     "bilinear_corners",
     "interpolation_matrix",
+    "read_region",
+    "area_lost_and_gained",
 ]
 
 
@@ -585,3 +587,58 @@ def interpolation_matrix(samples: AxisSamples, size: int, slopes: bool = False):
     derivative[j, lo] = -samples.slope
     derivative[j, hi] += samples.slope
     return index, weights[:, keep], derivative[:, keep]
+
+
+def read_region(rois: np.ndarray, spatial_scale: float, method: str, dtype=np.float64) -> np.ndarray:
+    """The part of the map an op actually reads for each box, in index coordinates.
+
+    Index coordinates put pixel ``i``'s value at ``i`` (its cell is ``[i - 0.5, i + 0.5]``),
+    the convention of ``aligned=False``. The box itself is ``[x1, x2] * s``.
+
+    * ``"pool"`` (RoIPool): whole cells of the rounded corners, ``[q1 - 0.5, q2 + 0.5]``.
+    * ``"warp"`` (RoIWarp): samples between the rounded corners, ``[q1, q2]``.
+    * ``"align"`` (RoIAlign): samples between the exact corners, ``[x1 s, x2 s]``.
+
+    Parameters
+    ----------
+    rois : ndarray, shape (K, 5)
+    spatial_scale : float
+    method : {"pool", "warp", "align"}
+    dtype : numpy dtype
+
+    Returns
+    -------
+    ndarray, shape (K, 4)
+        ``[x_lo, y_lo, x_hi, y_hi]``.
+    """
+    if method == "align":
+        return scale_boxes(rois, spatial_scale, dtype)
+    q = quantize_boxes(rois, spatial_scale, dtype)
+    if method == "warp":
+        return q
+    if method == "pool":
+        return q + np.array([-0.5, -0.5, 0.5, 0.5], dtype=dtype)
+    raise ValueError(f"method must be 'pool', 'warp' or 'align', got {method!r}")
+
+
+def area_lost_and_gained(box: np.ndarray, region: np.ndarray):
+    """Areas of ``box`` missing from ``region`` and of ``region`` outside ``box``.
+
+    Parameters
+    ----------
+    box, region : ndarray, shape (K, 4)
+        Rectangles ``[x_lo, y_lo, x_hi, y_hi]`` (feature-map pixels).
+
+    Returns
+    -------
+    lost, gained : ndarray, shape (K,)
+        In square feature-map pixels.
+    """
+    box, region = np.atleast_2d(box), np.atleast_2d(region)
+
+    def area(r):
+        return np.clip(r[:, 2] - r[:, 0], 0, None) * np.clip(r[:, 3] - r[:, 1], 0, None)
+
+    inter = np.concatenate([np.maximum(box[:, :2], region[:, :2]), np.minimum(box[:, 2:], region[:, 2:])], axis=1)
+    common = area(inter)
+    return area(box) - common, area(region) - common
