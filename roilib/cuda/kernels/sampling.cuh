@@ -177,14 +177,16 @@ __device__ void sampled_argmax(long n, const T* input, const A* rois, int C, int
   }
 }
 
-// Adds gradient g to the four corners of one sample (atomically: bins and boxes overlap).
+// Adds g * weight / count to the four corners of one sample, atomically (bins and
+// boxes overlap). Written as torchvision writes it, so that on the CPU, where the
+// additions happen in output order, the result equals torchvision's bit for bit.
 template <class A>
-__device__ __forceinline__ void scatter_sample(A* plane, int W, const Tap<A>& ty, const Tap<A>& tx, A g) {
+__device__ __forceinline__ void scatter_sample(A* plane, int W, const Tap<A>& ty, const Tap<A>& tx, A g, A count) {
   if (!(ty.inside && tx.inside)) return;
-  atomicAdd(plane + ty.lo * W + tx.lo, g * (ty.wlo * tx.wlo));
-  atomicAdd(plane + ty.lo * W + tx.hi, g * (ty.wlo * tx.whi));
-  atomicAdd(plane + ty.hi * W + tx.lo, g * (ty.whi * tx.wlo));
-  atomicAdd(plane + ty.hi * W + tx.hi, g * (ty.whi * tx.whi));
+  atomicAdd(plane + ty.lo * W + tx.lo, g * (ty.wlo * tx.wlo) / count);
+  atomicAdd(plane + ty.lo * W + tx.hi, g * (ty.wlo * tx.whi) / count);
+  atomicAdd(plane + ty.hi * W + tx.lo, g * (ty.whi * tx.wlo) / count);
+  atomicAdd(plane + ty.hi * W + tx.hi, g * (ty.whi * tx.whi) / count);
 }
 
 // Backward with atomics: one work item per output element scatters its gradient.
@@ -202,12 +204,13 @@ __device__ void sampled_backward_atomic(long n, const T* grad_output, const T* i
     if (mode == ROILIB_MAX) {
       int s;
       bin_max(input + plane_offset, H, W, g, ph, pw, &s);
-      if (s >= 0) scatter_sample(grad_input + plane_offset, W, tap_y(g, ph, s / g.gw, H), tap_x(g, pw, s % g.gw, W), go);
+      if (s >= 0)
+        scatter_sample(grad_input + plane_offset, W, tap_y(g, ph, s / g.gw, H), tap_x(g, pw, s % g.gw, W), go, (A)1);
     } else {
-      go = go / g.count;
       for (int iy = 0; iy < g.gh; ++iy) {
         Tap<A> ty = tap_y(g, ph, iy, H);
-        for (int ix = 0; ix < g.gw; ++ix) scatter_sample(grad_input + plane_offset, W, ty, tap_x(g, pw, ix, W), go);
+        for (int ix = 0; ix < g.gw; ++ix)
+          scatter_sample(grad_input + plane_offset, W, ty, tap_x(g, pw, ix, W), go, g.count);
       }
     }
   }
@@ -283,7 +286,7 @@ __device__ void sampled_backward_gather(long n, const T* grad_output, const A* r
           for (int pw = 0; pw < PW; ++pw) {
             A wx = 0;
             for (int ix = 0; ix < g.gw; ++ix) wx += tap_weight(tap_x(g, pw, ix, W), w);
-            if (wx != (A)0) acc += to_acc(grad_output[out0 + ph * PW + pw]) / g.count * (wy * wx);
+            if (wx != (A)0) acc += to_acc(grad_output[out0 + ph * PW + pw]) * (wy * wx) / g.count;
           }
         }
       }

@@ -1,0 +1,129 @@
+// spp.cu: spatial pyramid pooling (SPP-net) forward and backward.
+//
+// The host launches each kernel once per pyramid level L; level L splits an axis of
+// length a into bins [floor(i*a/L), ceil((i+1)*a/L)) (exact integer arithmetic) and
+// writes its N x (C*L*L) cells at column `offset` of the (N, stride) output, channel
+// major. Launches on one stream run in order, so the gather backward can accumulate
+// level after level into the same buffer without atomics.
+#include "common.cuh"
+
+__device__ __forceinline__ void spp_bin(int i, int L, int size, int* lo, int* hi) {
+  *lo = i * size / L;
+  *hi = ((i + 1) * size + L - 1) / L;
+}
+
+// Forward: one work item per cell (b, c, i, j) of this level.
+template <class T, class A>
+__device__ void spp_forward(long n, const T* input, int C, int H, int W, int L, int offset, int stride, int mode,
+                            T* output) {
+  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)blockDim.x * gridDim.x) {
+    int j = (int)(t % L), i = (int)(t / L % L), c = (int)(t / L / L % C);
+    long b = t / L / L / C;
+    int h0, h1, w0, w1;
+    spp_bin(i, L, H, &h0, &h1);
+    spp_bin(j, L, W, &w0, &w1);
+    const T* plane = input + (b * C + c) * H * W;
+    A v = 0;
+    if (mode == ROILIB_MAX) {
+      int arg;
+      v = window_max<T, A>(plane, W, h0, h1, w0, w1, &arg);
+    } else {
+      for (int h = h0; h < h1; ++h)
+        for (int w = w0; w < w1; ++w) v += to_acc(plane[h * W + w]);
+      v = v / (A)((h1 - h0) * (w1 - w0));
+    }
+    store(output + b * stride + offset + (c * L + i) * L + j, v);
+  }
+}
+
+// Max mode, first pass of the deterministic backward: argmax (h * W + w) of every cell,
+// stored as (N, C, L, L).
+template <class T, class A>
+__device__ void spp_argmax(long n, const T* input, int H, int W, int L, int* argmax) {
+  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)blockDim.x * gridDim.x) {
+    int j = (int)(t % L), i = (int)(t / L % L);
+    long plane = t / L / L;  // b * C + c
+    int h0, h1, w0, w1;
+    spp_bin(i, L, H, &h0, &h1);
+    spp_bin(j, L, W, &w0, &w1);
+    window_max<T, A>(input + plane * H * W, W, h0, h1, w0, w1, argmax + t);
+  }
+}
+
+// Backward with atomics (bins of one level can overlap): one work item per cell.
+// grad_input is in A and must be zeroed before the first level.
+template <class T, class A>
+__device__ void spp_backward_atomic(long n, const T* grad_output, const T* input, int C, int H, int W, int L,
+                                    int offset, int stride, int mode, A* grad_input) {
+  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)blockDim.x * gridDim.x) {
+    int j = (int)(t % L), i = (int)(t / L % L), c = (int)(t / L / L % C);
+    long b = t / L / L / C;
+    int h0, h1, w0, w1;
+    spp_bin(i, L, H, &h0, &h1);
+    spp_bin(j, L, W, &w0, &w1);
+    long plane = (b * C + c) * H * W;
+    A g = to_acc(grad_output[b * stride + offset + (c * L + i) * L + j]);
+    if (mode == ROILIB_MAX) {
+      int arg;
+      window_max<T, A>(input + plane, W, h0, h1, w0, w1, &arg);
+      atomicAdd(grad_input + plane + arg, g);
+    } else {
+      g = g / (A)((h1 - h0) * (w1 - w0));
+      for (int h = h0; h < h1; ++h)
+        for (int w = w0; w < w1; ++w) atomicAdd(grad_input + plane + h * W + w, g);
+    }
+  }
+}
+
+// Deterministic backward for one level: one work item per input element (b, c, h, w)
+// adds the gradients of the cells that contain it (max: only where it is the argmax)
+// to grad_input, which holds the previous levels' sum (zero before the first).
+template <class T, class A>
+__device__ void spp_backward_gather(long n, const T* grad_output, const int* argmax, int C, int H, int W, int L,
+                                    int offset, int stride, int mode, A* grad_input) {
+  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)blockDim.x * gridDim.x) {
+    int w = (int)(t % W), h = (int)(t / W % H), c = (int)(t / W / H % C);
+    long b = t / W / H / C;
+    A acc = grad_input[t];
+    for (int i = 0; i < L; ++i) {
+      int h0, h1;
+      spp_bin(i, L, H, &h0, &h1);
+      if (h < h0 || h >= h1) continue;
+      for (int j = 0; j < L; ++j) {
+        int w0, w1;
+        spp_bin(j, L, W, &w0, &w1);
+        if (w < w0 || w >= w1) continue;
+        A g = to_acc(grad_output[b * stride + offset + (c * L + i) * L + j]);
+        if (mode == ROILIB_MAX) {
+          if (argmax[((b * C + c) * L + i) * L + j] == h * W + w) acc += g;
+        } else {
+          acc += g / (A)((h1 - h0) * (w1 - w0));
+        }
+      }
+    }
+    grad_input[t] = acc;
+  }
+}
+
+#define SPP_ENTRY_POINTS(SUFFIX, T, A)                                                                               \
+  extern "C" __global__ void spp_forward_##SUFFIX(long n, const T* input, int C, int H, int W, int L, int offset,    \
+                                                  int stride, int mode, T* output) {                                 \
+    spp_forward<T, A>(n, input, C, H, W, L, offset, stride, mode, output);                                           \
+  }                                                                                                                  \
+  extern "C" __global__ void spp_argmax_##SUFFIX(long n, const T* input, int H, int W, int L, int* argmax) {         \
+    spp_argmax<T, A>(n, input, H, W, L, argmax);                                                                     \
+  }                                                                                                                  \
+  extern "C" __global__ void spp_backward_atomic_##SUFFIX(long n, const T* grad_output, const T* input, int C,      \
+                                                          int H, int W, int L, int offset, int stride, int mode,     \
+                                                          A* grad_input) {                                           \
+    spp_backward_atomic<T, A>(n, grad_output, input, C, H, W, L, offset, stride, mode, grad_input);                  \
+  }                                                                                                                  \
+  extern "C" __global__ void spp_backward_gather_##SUFFIX(long n, const T* grad_output, const int* argmax, int C,    \
+                                                          int H, int W, int L, int offset, int stride, int mode,     \
+                                                          A* grad_input) {                                           \
+    spp_backward_gather<T, A>(n, grad_output, argmax, C, H, W, L, offset, stride, mode, grad_input);                 \
+  }
+
+SPP_ENTRY_POINTS(f16, __half, float)
+SPP_ENTRY_POINTS(f32, float, float)
+SPP_ENTRY_POINTS(f64, double, double)
