@@ -3,17 +3,48 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+# CPU PyTorch for roilib.torch's tests and the chapters that train a small head. On
+# this project's machines a CPU build of torch 2.13.0 lies in /opt/wheels; elsewhere
+# pip fetches the release from PyPI.
+TORCH  ?= torch==2.13.0
+LOCAL_WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: test book bench clean
+.PHONY: test book browser-check bench clean
 
 $(VENV)/.test-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q $(LOCAL_WHEELS) -e '.[test]' '$(TORCH)'
 	touch $@
 
+# Every test in one run: unit, property, kernels on the CPU (and NVRTC), the torch
+# bridge, and every chapter re-executed from a fresh kernel by nbval.
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests chapters $(NBVAL)
+
+# The book: Jupyter Book 1.x into _build/html. Warnings (-W) and unresolved references
+# (-n) fail the build; --keep-going reports all of them first.
+$(VENV)/.book-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(LOCAL_WHEELS) -e '.[book]' '$(TORCH)'
+	touch $@
+
+book: $(VENV)/.book-installed
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+# Opens every page of _build/html (run `make book` first) in headless Debian Chromium
+# (/usr/bin/chromium; `apt-get install chromium`) through Playwright: titles, images,
+# MathJax, Colab links, page errors, no requests leaving 127.0.0.1.
+$(VENV)/.bookcheck-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[bookcheck]'
+	touch $@
+
+browser-check: $(VENV)/.bookcheck-installed
+	ROILIB_REQUIRE_BROWSER=1 $(PY) -m pytest -q -p no:cacheprovider --noconftest tests/browser_check.py
 
 bench: $(VENV)/.test-installed
 	$(PY) -m roilib.bench
