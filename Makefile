@@ -16,6 +16,9 @@ $(VENV)/.test-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(LOCAL_WHEELS) -e '.[test]' '$(TORCH)'
+	# matplotlib builds its font cache on first import and says so on stderr, which
+	# nbval would count as a changed output: build it now
+	$(PY) -c "import matplotlib.pyplot"
 	touch $@
 
 # Every test in one run: unit, property, kernels on the CPU (and NVRTC), the torch

@@ -202,3 +202,304 @@ def figure(ncols: int = 1, nrows: int = 1, size: float = 3.6):
     plt = _plt()
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
     return fig, axes.ravel()
+
+
+def interpolation_profile(ax, values: Sequence[float], lo: Optional[float] = None, hi: Optional[float] = None, num: int = 721, fontsize: float = 8):
+    """RoIAlign's 1-D interpolant of one row of pixel values, with its edge rules.
+
+    The row is treated as a ``1 x W`` map and read at ``num`` points of ``[lo, hi]``
+    (default: from 2.5 pixels before the first to 1.5 after the last) with
+    :func:`roilib.geometry.bilinear_corners`, so the curve follows the ops exactly:
+    linear between neighbouring pixels, constant (clamped) on ``[-1, 0]`` and
+    ``[W - 1, W]``, and 0 beyond ``[-1, W]``, where a sample is out of range. The clamped
+    zones are shaded green, the out-of-range ones red; pixel values are black dots at
+    their integer coordinates.
+
+    Returns
+    -------
+    x, f : ndarray
+        The evaluation points and the interpolated values.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    w = values.size
+    lo = -2.5 if lo is None else float(lo)
+    hi = w + 1.5 if hi is None else float(hi)
+    plane = values[None, :]
+    x = np.linspace(lo, hi, num)
+    corners = [geometry.bilinear_corners(0.0, float(xi), 1, w) for xi in x]
+    f = np.array([c.interpolate(plane) for c in corners])
+    valid = np.array([c.valid for c in corners])
+    ax.axvspan(lo, -1, color=COLORS["lost"], alpha=0.10, lw=0)
+    ax.axvspan(w, hi, color=COLORS["lost"], alpha=0.10, lw=0)
+    ax.axvspan(-1, 0, color=COLORS["gained"], alpha=0.12, lw=0)
+    ax.axvspan(w - 1, w, color=COLORS["gained"], alpha=0.12, lw=0)
+    inside = np.where(valid, f, np.nan)
+    outside = np.where(valid, np.nan, f)
+    ax.plot(x, inside, color=COLORS["bins"], lw=1.8)
+    ax.plot(x, outside, color=COLORS["lost"], lw=1.8)
+    ax.scatter(np.arange(w), values, color="black", s=18, zorder=5)
+    ax.axhline(0, color=COLORS["grid"], lw=0.6)
+    ax.set_xlim(lo, hi)
+    ax.set_xticks(range(int(np.ceil(lo)), int(np.floor(hi)) + 1))
+    ax.tick_params(labelsize=fontsize)
+    ax.set_xlabel("x (feature-map pixels, index coordinates)", fontsize=fontsize)
+    return x, f
+
+
+def samples_at_fractions(
+    ax,
+    roi: Sequence[float],
+    output_size,
+    spatial_scale: float,
+    fractions: Sequence[float],
+    aligned: bool,
+    marker: str = "x",
+    marker_size: float = 30,
+    color: Optional[str] = None,
+    draw_box: bool = True,
+):
+    """Sample points placed at chosen fractions of every RoIAlign bin.
+
+    The box and its bins are RoIAlign's (:func:`roilib.geometry.roi_align_boxes`); only
+    the place of the samples inside a bin changes: ``start + (p + f) * bin`` for each
+    ``f`` in ``fractions``, on both axes. ``fractions=(1/3, 2/3)`` gives the placement
+    some tutorials describe; ``((i + 0.5) / g for i in range(g))`` gives the same points
+    as :func:`roi_align_samples`. Meant to be overlaid on that drawing.
+
+    Returns
+    -------
+    y, x : ndarray
+        The sample coordinates along each axis (index coordinates).
+    """
+    roi = np.asarray(roi, dtype=np.float64).reshape(1, 5)
+    out = (output_size, output_size) if np.isscalar(output_size) else tuple(output_size)
+    geo = geometry.roi_align_boxes(roi, out, spatial_scale, 1, aligned)
+    y0, x0, bh, bw = geo.start_y[0], geo.start_x[0], geo.bin_h[0], geo.bin_w[0]
+    f = np.asarray(fractions, dtype=np.float64)
+    ys = y0 + (np.arange(out[0])[:, None] + f[None, :]).ravel() * bh
+    xs = x0 + (np.arange(out[1])[:, None] + f[None, :]).ravel() * bw
+    if draw_box:
+        rectangle(ax, x0, y0, x0 + bw * out[1], y0 + bh * out[0], edgecolor=COLORS["box"], lw=2)
+        for p in range(1, out[0]):
+            ax.plot([x0, x0 + bw * out[1]], [y0 + p * bh] * 2, color=COLORS["bins"], lw=1)
+        for q in range(1, out[1]):
+            ax.plot([x0 + q * bw] * 2, [y0, y0 + bh * out[0]], color=COLORS["bins"], lw=1)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    kwargs = dict(s=marker_size, zorder=6, marker=marker, color=color or "black")
+    if marker in ("x", "+", "1", "2", "3", "4", "|", "_"):
+        kwargs["linewidths"] = 1.2
+    ax.scatter(xx.ravel(), yy.ravel(), **kwargs)
+    return ys, xs
+
+
+def shift_response(ax, shifts: Sequence[float], curves: dict, xlabel: str = "shift of the box (feature-map pixels)", ylabel: str = "output value", fontsize: float = 8):
+    """Output of one or more ops against a box shift, one line with markers per op.
+
+    ``curves`` maps a label to the values at ``shifts`` (for example one output cell of
+    :func:`roilib.roi_pool` and :func:`roilib.roi_align` for a box slid in small steps).
+    Integer shifts get vertical grid lines.
+    """
+    shifts = np.asarray(shifts, dtype=np.float64)
+    styles = [dict(color=COLORS["box"], marker="s", ms=3), dict(color=COLORS["bins"], marker="o", ms=3), dict(color=COLORS["gained"], marker="^", ms=3)]
+    for k, (label, values) in enumerate(curves.items()):
+        ax.plot(shifts, np.asarray(values, dtype=np.float64), label=label, lw=1.2, **styles[k % len(styles)])
+    for t in range(int(np.ceil(shifts.min())), int(np.floor(shifts.max())) + 1):
+        ax.axvline(t, color=COLORS["grid"], lw=0.6, zorder=0)
+    ax.set_xlabel(xlabel, fontsize=fontsize)
+    ax.set_ylabel(ylabel, fontsize=fontsize)
+    ax.tick_params(labelsize=fontsize)
+    ax.legend(fontsize=fontsize)
+
+
+def axis_bins(ax, start, end, length: int, box: Optional[Sequence[float]] = None, title: Optional[str] = None, color: str = COLORS["bins"]):
+    """Pooling intervals along one axis, one lane per bin, under a strip of the axis' cells.
+
+    Row 0 shows the ``length`` cells of the axis (pixel ``i`` is the cell around ``i``);
+    bin ``k``'s pixel range ``[start[k], end[k])`` is a bar in row ``k + 1``, so bins
+    that overlap are visible. Cells that no bin covers are shaded in the strip; ``box``
+    (``(lo, hi)``, index coordinates) draws an exact box's extent as a dashed line.
+    ``start``/``end`` come from :func:`roilib.geometry.spp_bins`,
+    :func:`roilib.geometry.spp_training_windows` or a ``PoolBins`` row.
+
+    Returns
+    -------
+    ndarray of int64
+        The pixels of the axis that no bin covers.
+    """
+    start, end = np.asarray(start, dtype=np.int64), np.asarray(end, dtype=np.int64)
+    covered = np.zeros(length, dtype=bool)
+    for s, e in zip(start, end):
+        covered[max(s, 0):max(min(e, length), 0)] = True
+    for i in range(length):
+        shade = dict(fill=True, color="#f0f0f0", lw=0) if covered[i] else dict(fill=True, color=COLORS["lost"], alpha=0.35, lw=0)
+        rectangle(ax, i - 0.5, -0.4, i + 0.5, 0.4, **shade)
+        rectangle(ax, i - 0.5, -0.4, i + 0.5, 0.4, edgecolor=COLORS["grid"], lw=0.6)
+        ax.text(i, 0, str(i), ha="center", va="center", fontsize=7, color="#333333")
+    for k, (s, e) in enumerate(zip(start, end)):
+        if e > s:
+            rectangle(ax, s - 0.5, k + 0.7, e - 0.5, k + 1.3, fill=True, color=color, alpha=0.35, lw=0)
+            rectangle(ax, s - 0.5, k + 0.7, e - 0.5, k + 1.3, edgecolor=color, lw=1.0)
+    if box is not None:
+        ax.plot([box[0], box[1]], [-0.55, -0.55], color=COLORS["box"], ls="--", lw=1.6)
+        for x in box:
+            ax.plot([x, x], [-0.7, len(start) + 0.5], color=COLORS["box"], ls="--", lw=0.8)
+    ax.set_xlim(-1.0, length)
+    ax.set_ylim(len(start) + 0.6, -0.9)
+    ax.set_yticks([0] + list(range(1, len(start) + 1)))
+    ax.set_yticklabels(["pixel"] + [f"bin {k}" for k in range(len(start))], fontsize=7)
+    ax.set_xticks([])
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return np.flatnonzero(~covered)
+
+
+def sample_strips(
+    ax,
+    rows: dict,
+    edges: Optional[Sequence[float]] = None,
+    size: Optional[int] = None,
+    marker_size: float = 22,
+    fontsize: float = 8,
+):
+    """Where several resamplers read along one axis: one labelled row of points each.
+
+    Meant for comparing samplers that should agree (RoIAlign's sample points from
+    :func:`roilib.geometry.axis_samples` against the points a ``grid_sample`` grid or a
+    ``crop_and_resize`` box reads), so a shift or a stretch of half a pixel is visible.
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    rows : dict
+        Label -> 1-D sample coordinates in index coordinates of the map (pixel ``i``'s
+        value at ``i``). Drawn top to bottom in the dict's order.
+    edges : sequence of float, optional
+        Bin edges along the axis, box edges included (for example
+        ``start + bin * arange(P + 1)`` from :func:`roilib.geometry.roi_align_boxes`):
+        the first and last are drawn as the box (dashed), the others as bin lines.
+    size : int, optional
+        Map length along the axis: pixel positions ``0 .. size - 1`` get grid lines, and
+        the parts of the axis beyond the first and last pixel are shaded.
+    marker_size, fontsize : float
+    """
+    labels = list(rows)
+    n = len(labels)
+    coords = [np.asarray(rows[k], dtype=np.float64).ravel() for k in labels]
+    lo = min([c.min() for c in coords if c.size] + ([edges[0]] if edges is not None else []))
+    hi = max([c.max() for c in coords if c.size] + ([edges[-1]] if edges is not None else []))
+    lo, hi = np.floor(lo) - 0.75, np.ceil(hi) + 0.75
+    if size is not None:
+        for t in range(int(np.ceil(lo)), int(np.floor(hi)) + 1):
+            if 0 <= t <= size - 1:
+                ax.axvline(t, color=COLORS["grid"], lw=0.5, zorder=0)
+        if lo < 0:
+            ax.axvspan(lo, 0, color=COLORS["lost"], alpha=0.08, lw=0)
+        if hi > size - 1:
+            ax.axvspan(size - 1, hi, color=COLORS["lost"], alpha=0.08, lw=0)
+    if edges is not None:
+        edges = np.asarray(edges, dtype=np.float64)
+        for k, e in enumerate(edges):
+            outer = k in (0, len(edges) - 1)
+            ax.axvline(e, color=COLORS["box"] if outer else COLORS["bins"], ls="--" if outer else "-", lw=1.4 if outer else 0.8, zorder=1)
+    palette = [COLORS["samples"], COLORS["bins"], COLORS["gained"], "#9467bd", "#8c564b", "#e377c2"]
+    for k, c in enumerate(coords):
+        ax.scatter(c, np.full(c.shape, n - 1 - k), s=marker_size, color=palette[k % len(palette)], zorder=5)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(labels[::-1], fontsize=fontsize)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_xlim(lo, hi)
+    ax.tick_params(axis="x", labelsize=fontsize)
+    ax.set_xlabel("x (feature-map pixels, index coordinates)", fontsize=fontsize)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def box_edge_sweep(
+    axes,
+    input: np.ndarray,
+    roi: Sequence[float],
+    grad_output: np.ndarray,
+    output_size,
+    edge: str,
+    values: Sequence[float],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    mode: str = "avg",
+    fontsize: float = 8,
+):
+    """A loss ``L = sum(roi_align(input, box) * grad_output)`` as one box edge slides, and dL/d(edge).
+
+    The box ``roi`` (one row ``[batch_index, x1, y1, x2, y2]``, image pixels) gets its
+    ``edge`` coordinate (``"x1"``, ``"y1"``, ``"x2"`` or ``"y2"``) set to each of ``values``
+    (increasing) in turn. ``axes`` is a pair ``(ax_loss, ax_grad)``:
+
+    * ``ax_loss``: ``L`` from :func:`roilib.roi_align`;
+    * ``ax_grad``: the analytic derivative from :func:`roilib.roi_align_rois_backward`
+      (line) and the finite-difference slope between neighbouring steps (dots), left out
+      across a jump of ``L``.
+
+    Both panels mark the events found between neighbouring steps with
+    :mod:`roilib.geometry`: red dashed lines where ``L`` jumps (the number of samples per
+    bin changes, or a sample enters or leaves the range ``[-1, size]``), grey dotted
+    lines where it has a kink (a sample moving with the edge crosses a whole coordinate of
+    the map, so its pair of neighbouring pixels changes, or it starts or stops being
+    clamped at the map's edge, or the box size starts or stops being raised to 1). In ``mode="max"`` a change of winning sample is not marked.
+
+    Returns
+    -------
+    dict
+        ``values``, ``loss``, ``grad`` (one per value); ``slope`` (finite differences,
+        NaN across a jump) at ``midpoints``; ``jumps`` and ``kinks``: the midpoints of the
+        steps where those events happen.
+    """
+    from . import roi_align, roi_align_rois_backward
+
+    column = {"x1": 1, "y1": 2, "x2": 3, "y2": 4}[edge]
+    axis = 1 if edge[0] == "x" else 0
+    values = np.asarray(values, dtype=np.float64)
+    base = np.asarray(roi, dtype=np.float64).reshape(1, 5)
+    out = (output_size, output_size) if np.isscalar(output_size) else tuple(output_size)
+    size = input.shape[2 + axis]
+    grad_output = np.asarray(grad_output, dtype=input.dtype)
+    loss, grad, states = [], [], []
+    for v in values:
+        r = base.copy()
+        r[0, column] = v
+        r = r.astype(input.dtype)
+        kw = dict(spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned, mode=mode)
+        loss.append(float((roi_align(input, r, out, **kw).astype(np.float64) * grad_output).sum()))
+        grad.append(float(roi_align_rois_backward(grad_output, input, r, out, **kw)[0, column]))
+        geo = geometry.roi_align_boxes(r, out, spatial_scale, sampling_ratio, aligned, input.dtype)
+        start, bin_size, grid = (geo.start_x, geo.bin_w, geo.grid_w) if axis else (geo.start_y, geo.bin_h, geo.grid_h)
+        smp = geometry.axis_samples(start[0], bin_size[0], int(grid[0]), out[axis], size, input.dtype)
+        clamped = (geo.clamped_w if axis else geo.clamped_h)[0]
+        states.append((int(grid[0]), smp.valid, smp.low, smp.slope, clamped))
+    loss, grad = np.array(loss), np.array(grad)
+    mid = (values[1:] + values[:-1]) / 2
+    jump = np.zeros(mid.size, dtype=bool)
+    kink = np.zeros(mid.size, dtype=bool)
+    for t, (a, b) in enumerate(zip(states[:-1], states[1:])):
+        if a[0] != b[0] or not np.array_equal(a[1], b[1]):
+            jump[t] = True
+        elif not (np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3]) and a[4] == b[4]):
+            kink[t] = True
+    slope = np.diff(loss) / np.diff(values)
+    slope[jump] = np.nan
+    ax_loss, ax_grad = axes
+    ax_loss.plot(values, loss, color=COLORS["bins"], lw=1.5)
+    ax_grad.plot(values, grad, color=COLORS["bins"], lw=1.5, label="roi_align_rois_backward")
+    ax_grad.scatter(mid, slope, s=4, color=COLORS["samples"], zorder=4, label="finite differences")
+    for ax in axes:
+        for m in mid[jump]:
+            ax.axvline(m, color=COLORS["lost"], ls="--", lw=1.0, zorder=0)
+        for m in mid[kink]:
+            ax.axvline(m, color=COLORS["grid"], ls=":", lw=1.0, zorder=0)
+        ax.tick_params(labelsize=fontsize)
+    ax_loss.set_ylabel("L", fontsize=fontsize)
+    ax_grad.set_ylabel(f"dL / d{edge}", fontsize=fontsize)
+    ax_grad.set_xlabel(f"{edge} (image pixels)", fontsize=fontsize)
+    ax_grad.legend(fontsize=fontsize)
+    return dict(values=values, loss=loss, grad=grad, midpoints=mid, slope=slope, jumps=mid[jump], kinks=mid[kink])
