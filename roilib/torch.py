@@ -130,20 +130,26 @@ def _(grad, input, rois, output_size, spatial_scale, sampling_ratio, aligned, mo
     return torch.empty_like(rois)
 
 
-def _align_setup(ctx, inputs, output):
-    input, rois, *args = inputs
-    ctx.save_for_backward(input, rois)
-    ctx.args = args
+def _register_backward(op, input_backward, rois_backward=None):
+    """Give ``op(input, rois, *args)`` a backward: ``input_backward`` for the input and,
+    when given, ``rois_backward`` for the box coordinates (else boxes get no gradient)."""
+
+    def setup(ctx, inputs, output):
+        input, rois, *args = inputs
+        ctx.save_for_backward(input, rois)
+        ctx.args = args
+
+    def backward(ctx, grad):
+        input, rois = ctx.saved_tensors
+        grad_input = input_backward(grad, input, rois, *ctx.args) if ctx.needs_input_grad[0] else None
+        wants_rois = rois_backward is not None and ctx.needs_input_grad[1]
+        grad_rois = rois_backward(grad, input, rois, *ctx.args) if wants_rois else None
+        return (grad_input, grad_rois) + (None,) * len(ctx.args)
+
+    op.register_autograd(backward, setup_context=setup)
 
 
-def _align_backward(ctx, grad):
-    input, rois = ctx.saved_tensors
-    grad_input = _roi_align_backward(grad, input, rois, *ctx.args) if ctx.needs_input_grad[0] else None
-    grad_rois = _roi_align_rois_backward(grad, input, rois, *ctx.args) if ctx.needs_input_grad[1] else None
-    return (grad_input, grad_rois) + (None,) * len(ctx.args)
-
-
-_roi_align.register_autograd(_align_backward, setup_context=_align_setup)
+_register_backward(_roi_align, _roi_align_backward, _roi_align_rois_backward)
 
 
 def roi_align(
@@ -218,24 +224,8 @@ def _(grad, input, rois, output_size, spatial_scale, sampling_ratio, mode):
     return torch.empty_like(input)
 
 
-def _input_only_autograd(op, backward_op):
-    """Register a backward that differentiates ``input`` only (boxes are quantized)."""
-
-    def setup(ctx, inputs, output):
-        input, rois, *args = inputs
-        ctx.save_for_backward(input, rois)
-        ctx.args = args
-
-    def backward(ctx, grad):
-        input, rois = ctx.saved_tensors
-        grad_input = backward_op(grad, input, rois, *ctx.args) if ctx.needs_input_grad[0] else None
-        return (grad_input, None) + (None,) * len(ctx.args)
-
-    op.register_autograd(backward, setup_context=setup)
-
-
-_input_only_autograd(_roi_pool, _roi_pool_backward)
-_input_only_autograd(_roi_warp, _roi_warp_backward)
+_register_backward(_roi_pool, _roi_pool_backward)
+_register_backward(_roi_warp, _roi_warp_backward)
 
 
 def roi_pool(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0) -> Tensor:
