@@ -589,7 +589,7 @@ def interpolation_matrix(samples: AxisSamples, size: int, slopes: bool = False):
     return index, weights[:, keep], derivative[:, keep]
 
 
-def read_region(rois: np.ndarray, spatial_scale: float, method: str, dtype=np.float64) -> np.ndarray:
+def read_region(rois: np.ndarray, spatial_scale: float, method: str, dtype=np.float64, height=None, width=None) -> np.ndarray:
     """The part of the map an op actually reads for each box, in index coordinates.
 
     Index coordinates put pixel ``i``'s value at ``i`` (its cell is ``[i - 0.5, i + 0.5]``),
@@ -605,6 +605,9 @@ def read_region(rois: np.ndarray, spatial_scale: float, method: str, dtype=np.fl
     spatial_scale : float
     method : {"pool", "warp", "align"}
     dtype : numpy dtype
+    height, width : int, optional
+        Map size: when given, the region is clipped to the map's cells
+        ``[-0.5, W - 0.5] x [-0.5, H - 0.5]`` (nothing outside the map is read).
 
     Returns
     -------
@@ -612,13 +615,17 @@ def read_region(rois: np.ndarray, spatial_scale: float, method: str, dtype=np.fl
         ``[x_lo, y_lo, x_hi, y_hi]``.
     """
     if method == "align":
-        return scale_boxes(rois, spatial_scale, dtype)
-    q = quantize_boxes(rois, spatial_scale, dtype)
-    if method == "warp":
-        return q
-    if method == "pool":
-        return q + np.array([-0.5, -0.5, 0.5, 0.5], dtype=dtype)
-    raise ValueError(f"method must be 'pool', 'warp' or 'align', got {method!r}")
+        region = scale_boxes(rois, spatial_scale, dtype)
+    elif method == "warp":
+        region = quantize_boxes(rois, spatial_scale, dtype)
+    elif method == "pool":
+        region = quantize_boxes(rois, spatial_scale, dtype) + np.array([-0.5, -0.5, 0.5, 0.5], dtype=dtype)
+    else:
+        raise ValueError(f"method must be 'pool', 'warp' or 'align', got {method!r}")
+    if height is not None and width is not None:
+        upper = np.array([width, height, width, height], dtype=dtype) - 0.5
+        region = np.clip(region, -0.5, upper)
+    return region
 
 
 def area_lost_and_gained(box: np.ndarray, region: np.ndarray):

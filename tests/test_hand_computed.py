@@ -95,3 +95,18 @@ def test_roi_pool_bins_of_a_7_cell_box_into_3():
     bins = geometry.roi_pool_bins(np.array([[0, 0, 0, 6, 6]]), (3, 3), 1.0, 10, 10)
     assert bins.wstart[0].tolist() == [0, 2, 4]
     assert bins.wend[0].tolist() == [3, 5, 7]
+
+
+def test_read_region_of_reference_000_box_is_clipped_to_a_16_cell_map():
+    # x2 = 496 / 32 = 15.5 rounds to column 16, one past a 16-wide map
+    rois = np.array([[0, 296, 192, 496, 337]])
+    pool = geometry.read_region(rois, 1 / 32, "pool")[0]
+    assert pool.tolist() == [8.5, 5.5, 16.5, 11.5]  # rounded corners 9, 6, 16, 11, whole cells
+    clipped = geometry.read_region(rois, 1 / 32, "pool", height=16, width=16)[0]
+    assert clipped.tolist() == [8.5, 5.5, 15.5, 11.5]
+    lost, gained = geometry.area_lost_and_gained(geometry.scale_boxes(rois, 1 / 32), clipped[None])
+    # box 6.25 x 4.53125 at (9.25, 6); cells cover x in [8.5, 15.5], y in [5.5, 11.5]
+    box_area = 6.25 * 4.53125
+    inside = (15.5 - 9.25) * 4.53125
+    assert lost[0] == pytest.approx(box_area - inside)
+    assert gained[0] == pytest.approx(7 * 6 - inside)

@@ -32,22 +32,19 @@ def block(index: np.ndarray):
     return index
 
 
+def _block_index(rows: np.ndarray, cols: np.ndarray):
+    """Index of ``plane[rows][:, cols]``: slices for contiguous runs, ``ix_`` if neither is."""
+    r, c = block(rows), block(cols)
+    if isinstance(r, slice) or isinstance(c, slice):
+        return r, c  # at most one advanced index: NumPy keeps the (rows, cols) layout
+    return np.ix_(r, c)
+
+
 def take_block(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``plane[rows][:, cols]`` for a ``(H, W, C)`` plane, as a view where possible."""
-    r, c = block(rows), block(cols)
-    if isinstance(r, slice) and isinstance(c, slice):
-        return plane[r, c]
-    if isinstance(r, slice):
-        return plane[r][:, c]
-    if isinstance(c, slice):
-        return plane[:, c][r]
-    return plane[np.ix_(r, c)]
+    return plane[_block_index(rows, cols)]
 
 
 def add_block(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
     """``plane[rows][:, cols] += values`` in place (rows and cols are unique)."""
-    r, c = block(rows), block(cols)
-    if isinstance(r, slice) and isinstance(c, slice):
-        plane[r, c] += values
-    else:
-        plane[np.ix_(np.arange(plane.shape[0])[r], np.arange(plane.shape[1])[c])] += values
+    plane[_block_index(rows, cols)] += values
