@@ -231,10 +231,11 @@ def roi_align_rois_backward(
     Where it is not differentiable the result is the one-sided derivative of the
     formula as evaluated: the adaptive grid ``ceil(roi_h / PH)`` and the
     ``max(roi_h, 1)`` clamp (``aligned=False``) are piecewise constant in the box and
-    their jumps are ignored; a sample on a pixel boundary, clamped at the map's edge
-    (``y <= 0`` or beyond the last pixel) or out of range (``y < -1`` or ``y > H``)
-    contributes 0; in ``max`` mode only the winning sample moves, and a change of
-    winner is a jump.
+    their jumps are ignored; a sample exactly on a whole-number coordinate (a pixel's
+    own position, where the interpolant has a kink) gets the right-hand derivative; a
+    sample clamped at the map's edge (``y <= 0`` or at/beyond the last pixel) or out of
+    range (``y < -1`` or ``y > H``) contributes 0; in ``max`` mode only the winning
+    sample moves, and a change of winner is a jump.
 
     Parameters
     ----------
