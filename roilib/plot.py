@@ -503,3 +503,183 @@ def box_edge_sweep(
     ax_grad.set_xlabel(f"{edge} (image pixels)", fontsize=fontsize)
     ax_grad.legend(fontsize=fontsize)
     return dict(values=values, loss=loss, grad=grad, midpoints=mid, slope=slope, jumps=mid[jump], kinks=mid[kink])
+
+
+def grid_stride_launch(ax, n: int, block: int, blocks: int, y: float = 0.0, label: Optional[str] = None, fontsize: float = 8):
+    """Which thread of a launch handles which work item of a grid-stride loop.
+
+    The kernels loop ``for (i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)``:
+    with ``T = block * blocks`` threads, item ``i`` goes to global thread ``i % T`` (block
+    ``(i % T) // block``) in pass ``i // T`` of the loop. Draws the items ``0 .. n-1`` as a
+    strip of cells at height ``y``, coloured by block and labelled with the global thread
+    id, with the passes of the loop marked underneath. Call it once per launch to compare
+    launches on one axes (``y`` = 0, -1.6, ...).
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    n : int
+        Number of work items.
+    block, blocks : int
+        Threads per block (``blockDim.x``) and blocks (``gridDim.x``).
+    y : float
+        Bottom of the strip.
+    label : str, optional
+        Text left of the strip (default: the launch shape).
+    fontsize : float
+
+    Returns
+    -------
+    dict
+        ``thread``, ``block`` and ``pass_`` (ndarray of int, one entry per item).
+    """
+    from matplotlib.patches import Rectangle
+
+    total = block * blocks
+    items = np.arange(n)
+    thread = items % total
+    block_of = thread // block
+    pass_ = items // total
+    palette = [COLORS["bins"], COLORS["samples"], COLORS["gained"], "#9467bd", "#8c564b", "#e377c2"]
+    for i in items:
+        ax.add_patch(Rectangle((i, y), 1, 0.8, facecolor=palette[block_of[i] % len(palette)], alpha=0.35,
+                               edgecolor="#333333", lw=0.6))
+        ax.text(i + 0.5, y + 0.4, str(thread[i]), ha="center", va="center", fontsize=fontsize)
+    for p in range(int(pass_.max()) + 1 if n else 0):
+        lo, hi = p * total, min((p + 1) * total, n)
+        ax.plot([lo + 0.1, hi - 0.1], [y - 0.12, y - 0.12], color="#333333", lw=1.0)
+        text = f"pass {p}" if hi - lo >= 3 else str(p)
+        ax.text((lo + hi) / 2, y - 0.22, text, ha="center", va="top", fontsize=fontsize - 1)
+    ax.text(-0.4, y + 0.4, label if label is not None else f"{blocks} x {block} threads", ha="right", va="center",
+            fontsize=fontsize)
+    ax.set_xlim(-0.2, n + 0.2)
+    if 0 < n <= 40:
+        ax.set_xticks(items + 0.5)
+        ax.set_xticklabels([str(i) for i in items])
+    ax.set_yticks([])
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(axis="x", labelsize=fontsize)
+    return dict(thread=thread, block=block_of, pass_=pass_)
+
+
+def read_regions(
+    ax,
+    values: np.ndarray,
+    roi: Sequence[float],
+    spatial_scale: float,
+    methods: Sequence[str] = ("pool", "warp", "align"),
+    aligned: bool = True,
+    truth: Optional[Sequence[float]] = None,
+    cmap: str = "gray",
+    fontsize: float = 8,
+):
+    """A map with one proposal, the part of the map each RoI op reads for it, and the true box.
+
+    The map is drawn as an image in index coordinates (cell ``(i, j)`` centred at
+    ``(j, i)``). For a backbone whose cell ``q`` covers image pixels
+    ``[q / s, (q + 1) / s)`` an image coordinate ``x`` lies at ``x * s - 0.5``; ``truth``
+    (dashed) is drawn there. The regions come from :func:`roilib.geometry.read_region`:
+    RoIPool's whole cells (shaded), RoIWarp's span between the rounded corners (dotted)
+    and RoIAlign's exact box (solid), moved by ``-0.5`` when ``aligned``. With
+    ``spatial_scale=1`` and ``methods=("align",)`` it shows the proposal on an image.
+    The outlines carry labels, so ``ax.legend()`` explains them.
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    values : ndarray, shape (H, W)
+    roi : sequence of 4 or 5 floats
+        The proposal ``[x1, y1, x2, y2]`` (or ``[batch_index, x1, y1, x2, y2]``) in image pixels.
+    spatial_scale : float
+    methods : sequence of {"pool", "warp", "align"}
+    aligned : bool
+        Which RoIAlign convention ``"align"`` shows.
+    truth : sequence of 4 floats, optional
+        The true box ``[x1, y1, x2, y2]`` in image pixels.
+    cmap : str
+    fontsize : float
+
+    Returns
+    -------
+    dict
+        The drawn rectangles ``[x_lo, y_lo, x_hi, y_hi]`` in index coordinates, by method
+        (and ``"truth"``).
+    """
+    values = np.asarray(values)
+    h, w = values.shape
+    ax.imshow(values, cmap=cmap, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
+    roi = np.asarray(roi, dtype=np.float64).ravel()
+    roi = np.concatenate([[0.0], roi]) if roi.size == 4 else roi
+    rois = roi.reshape(1, 5)
+    drawn = {}
+    styles = dict(
+        pool=dict(edgecolor=COLORS["bins"], lw=1.6, label="RoIPool's cells"),
+        warp=dict(edgecolor="#9467bd", lw=1.8, ls=":", label="RoIWarp's samples"),
+        align=dict(edgecolor=COLORS["samples"], lw=1.8, label="RoIAlign's box" + (" (aligned)" if aligned else "")),
+    )
+    for method in methods:
+        region = geometry.read_region(rois, spatial_scale, method)[0]
+        if method == "align" and aligned:
+            region = region - 0.5
+        if method == "pool":
+            rectangle(ax, *region, fill=True, color=COLORS["bins"], alpha=0.25, lw=0)
+        rectangle(ax, *region, **styles[method])
+        drawn[method] = region
+    if truth is not None:
+        region = geometry.scale_boxes(np.concatenate([[0.0], np.asarray(truth, np.float64)])[None], spatial_scale)[0] - 0.5
+        rectangle(ax, *region, edgecolor=COLORS["box"], ls="--", lw=1.6, label="true box")
+        drawn["truth"] = region
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.tick_params(labelsize=fontsize)
+    return drawn
+
+
+def grouped_bars(
+    ax,
+    groups: Sequence[str],
+    series: dict,
+    ylabel: str,
+    fmt: str = "{:.1f}",
+    baseline: Optional[float] = None,
+    baseline_label: str = "",
+    colors: Optional[Sequence[str]] = None,
+    fontsize: float = 8,
+):
+    """Bars for results: one group per entry of ``groups``, one bar per series, values printed.
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    groups : sequence of str
+        Group labels along the x axis (for example the strides).
+    series : dict
+        ``label -> values``, one value per group, drawn left to right in this order.
+    ylabel : str
+    fmt : str
+        Format of the value printed above each bar.
+    baseline : float, optional
+        A horizontal dashed reference line (for example the error before refinement).
+    baseline_label : str
+    colors : sequence of str, optional
+        One colour per series.
+    fontsize : float
+    """
+    colors = list(colors or [COLORS["box"], "#9467bd", COLORS["bins"], COLORS["gained"], COLORS["samples"]])
+    n = len(series)
+    width = 0.8 / n
+    x = np.arange(len(groups), dtype=np.float64)
+    for k, (label, values) in enumerate(series.items()):
+        pos = x - 0.4 + (k + 0.5) * width
+        values = np.asarray(values, dtype=np.float64)
+        ax.bar(pos, values, width * 0.92, label=label, color=colors[k % len(colors)])
+        for p, v in zip(pos, values):
+            ax.text(p, v, fmt.format(v), ha="center", va="bottom", fontsize=fontsize - 1)
+    if baseline is not None:
+        ax.axhline(baseline, color="black", ls="--", lw=1, label=baseline_label or None)
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, fontsize=fontsize)
+    ax.set_ylabel(ylabel, fontsize=fontsize)
+    ax.tick_params(labelsize=fontsize)
+    ax.legend(fontsize=fontsize - 1)
