@@ -28,16 +28,16 @@ as position-sensitive channels of a real network do. Cell ``q`` of the map cover
 pixels ``[q * stride, (q + 1) * stride)``.
 
 :func:`feature_maps` computes the backbone's output in closed form from each image row's
-span inside the ellipse, which is exact and about a hundred times faster than rendering
-the images (:func:`render`) and convolving them (:func:`backbone`); the chapter checks
-that both give the same maps. Pixel noise is added after the backbone, with the
+span inside the ellipse. That is exact and more than ten times faster than rendering the
+images (:func:`render`) and convolving them (:func:`backbone`); the chapter checks that
+both give the same maps. Pixel noise is added after the backbone, with the
 covariance that white pixel noise of standard deviation ``noise`` has once it has gone
 through the kernels (:func:`map_noise`), which is the same distribution.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -96,6 +96,11 @@ class Scenes:
 
     def __len__(self) -> int:
         return len(self.cx)
+
+    def __getitem__(self, index) -> "Scenes":
+        """The scenes selected by ``index`` (a slice, integer array or boolean mask)."""
+        pick = [np.atleast_1d(getattr(self, f)[index]) for f in ("cx", "cy", "a", "b", "foreground", "background")]
+        return Scenes(*pick, size=self.size)
 
     @property
     def boxes(self) -> np.ndarray:
@@ -238,7 +243,41 @@ def map_noise(stride: int, noise: float, shape: Tuple[int, ...], rng: np.random.
     return np.moveaxis(z @ chol.T, -1, 1)
 
 
-def feature_maps(scenes: Scenes, stride: int, noise: float = 0.0, rng: np.random.Generator = None) -> np.ndarray:
+#: scenes per block in :func:`feature_maps`
+_CHUNK = 64
+
+
+def _cell_sums(left: np.ndarray, right: np.ndarray, stride: int, m: int) -> np.ndarray:
+    """The backbone's three kernels applied to the coverage of spans, without the contrast.
+
+    Parameters
+    ----------
+    left, right : ndarray, shape (n, rows)
+        Row spans (:meth:`Scenes.row_spans`).
+    stride, m : int
+        Cell size and number of cells per side.
+
+    Returns
+    -------
+    ndarray, shape (n, 3, m, m)
+    """
+    n = left.shape[0]
+    edges = np.arange(m + 1) * stride  # cell boundaries, integers
+    lo, hi = left[:, :, None], right[:, :, None]
+    # At every cell boundary e: how much of each row's span lies left of e ...
+    covered = np.clip(edges, lo, hi) - lo  # (n, rows, m + 1)
+    # ... and the same weighted by the pixel centres j + 1/2 (Phi of the clipped boundary).
+    phi = np.where(edges <= lo, _pixel_moment(left)[:, :, None], np.where(edges >= hi, _pixel_moment(right)[:, :, None], edges**2 / 2.0))
+    length = np.diff(covered, axis=2)  # (n, rows, m): coverage summed over the row's pixels in a cell
+    moment = np.diff(phi, axis=2)  # the same, weighted by j + 1/2
+    centre = edges[:-1] + stride / 2
+    x_weighted = (moment - centre * length) / (stride / 2)  # weighted by the horizontal ramp
+    rows = length.reshape(n, m, stride, m)
+    sums = [rows.sum(axis=2), x_weighted.reshape(n, m, stride, m).sum(axis=2), np.einsum("npyq,y->npq", rows, _ramp(stride))]
+    return np.stack(sums, axis=1) / stride**2
+
+
+def feature_maps(scenes: Scenes, stride: int, noise: float = 0.0, rng: Optional[np.random.Generator] = None) -> np.ndarray:
     """The backbone's output for every scene, computed from the row spans (no rendering).
 
     For row ``i`` and the cell columns ``[c0, c0 + stride)``, the pixels' coverages add
@@ -264,26 +303,9 @@ def feature_maps(scenes: Scenes, stride: int, noise: float = 0.0, rng: np.random
     n, size = len(scenes), scenes.size
     m = size // stride
     left, right = scenes.row_spans()  # (n, rows)
-    edges = np.arange(m + 1) * stride  # cell boundaries, integers
-    # Per row, at every cell boundary e: how much of the span lies left of e ...
-    at = np.clip(edges, left[:, :, None], right[:, :, None])  # (n, rows, m + 1)
-    covered = at - left[:, :, None]
-    # ... and the same weighted by the pixel centres (Phi of the clipped boundary).
-    phi = np.where(
-        edges <= left[:, :, None],
-        _pixel_moment(left)[:, :, None],
-        np.where(edges >= right[:, :, None], _pixel_moment(right)[:, :, None], edges**2 / 2.0),
-    )
-    length = np.diff(covered, axis=2)  # (n, rows, m): summed coverage of the row's pixels in each cell
-    moment = np.diff(phi, axis=2)  # the same weighted by j + 1/2
-    centre = edges[:-1] + stride / 2
-    x_weighted = (moment - centre * length) / (stride / 2)  # weighted by the horizontal ramp
-    rows = length.reshape(n, m, stride, m)
-    ramp = _ramp(stride)
-    cover = np.stack(
-        [rows.sum(axis=2), x_weighted.reshape(n, m, stride, m).sum(axis=2), np.einsum("npyq,y->npq", rows, ramp)],
-        axis=1,
-    ) / stride**2
+    cover = np.empty((n, 3, m, m))
+    for k in range(0, n, _CHUNK):  # small blocks stay in cache
+        cover[k : k + _CHUNK] = _cell_sums(left[k : k + _CHUNK], right[k : k + _CHUNK], stride, m)
     contrast = (scenes.foreground - scenes.background)[:, None, None, None]
     maps = contrast * cover
     maps[:, 0] += scenes.background[:, None, None]
@@ -426,6 +448,7 @@ def train_head(
     Parameters
     ----------
     features : Tensor, shape (K, C, P, P)
+        An RoI operation's output (any ``(K, ...)`` shape: it is flattened).
     deltas : ndarray, shape (K, 4)
         :func:`box_deltas` targets.
     masks : ndarray of bool, shape (K, m, m)

@@ -581,9 +581,9 @@ def read_regions(
     ``[q / s, (q + 1) / s)`` an image coordinate ``x`` lies at ``x * s - 0.5``; ``truth``
     (dashed) is drawn there. The regions come from :func:`roilib.geometry.read_region`:
     RoIPool's whole cells (shaded), RoIWarp's span between the rounded corners (dotted)
-    and RoIAlign's exact box (solid), moved by ``-0.5`` when ``aligned``. With
-    ``spatial_scale=1`` and ``methods=("align",)`` it shows the proposal on an image.
-    The outlines carry labels, so ``ax.legend()`` explains them.
+    and RoIAlign's exact box (solid), moved by ``-0.5`` when ``aligned``, each clipped to
+    the map. With ``spatial_scale=1`` and ``methods=("align",)`` it shows the proposal on
+    an image. The outlines carry labels, so ``ax.legend()`` explains them.
 
     Parameters
     ----------
@@ -619,9 +619,10 @@ def read_regions(
         align=dict(edgecolor=COLORS["samples"], lw=1.8, label="RoIAlign's box" + (" (aligned)" if aligned else "")),
     )
     for method in methods:
-        region = geometry.read_region(rois, spatial_scale, method)[0]
-        if method == "align" and aligned:
-            region = region - 0.5
+        # aligned=True reads the box half a cell up and left: shift it in image pixels
+        shift = 0.5 / spatial_scale if (method == "align" and aligned) else 0.0
+        moved = rois - np.array([0.0, shift, shift, shift, shift])
+        region = geometry.read_region(moved, spatial_scale, method, height=h, width=w)[0]
         if method == "pool":
             rectangle(ax, *region, fill=True, color=COLORS["bins"], alpha=0.25, lw=0)
         rectangle(ax, *region, **styles[method])
