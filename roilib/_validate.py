@@ -16,7 +16,13 @@ POOL_MODES = ("avg", "max")
 
 
 def array_module(x):
-    """``numpy`` or ``cupy``, whichever ``x`` belongs to (without importing CuPy)."""
+    """``numpy`` or ``cupy``, whichever ``x`` belongs to (without importing CuPy).
+
+    A device array type of the tests' (``__roilib_xp__``) names its own module.
+    """
+    fake = getattr(type(x), "__roilib_xp__", None)
+    if fake is not None:
+        return fake
     if type(x).__module__.split(".")[0] == "cupy":
         import cupy
 
@@ -30,8 +36,12 @@ def to_host(x) -> np.ndarray:
 
 
 def is_array(x) -> bool:
-    """True for NumPy and CuPy arrays (duck-typed on ``shape``/``dtype``/``ndim``)."""
-    return isinstance(x, np.ndarray) or type(x).__module__.split(".")[0] == "cupy"
+    """True for NumPy and CuPy arrays (and the tests' stand-in for device arrays)."""
+    return (
+        isinstance(x, np.ndarray)
+        or type(x).__module__.split(".")[0] == "cupy"
+        or getattr(type(x), "__roilib_xp__", None) is not None
+    )
 
 
 def compute_dtype(dtype) -> np.dtype:
@@ -97,6 +107,59 @@ def check_rois(rois, input, name: str = "rois") -> np.ndarray:
         raise ValueError(f"{name} must have shape (K, 5) [batch_index, x1, y1, x2, y2], got shape {rois.shape}{hint}")
     _check_numeric(rois, name)
     return _check_boxes(rois.astype(np.float64), n_images, name).astype(dtype)
+
+
+def check_rois_on_device(rois, input, xp, name: str = "rois"):
+    """``rois`` as a contiguous device ``(K, 5)`` array in the input's compute dtype,
+    checked and built without reading a value (no device-to-host copy, no sync).
+
+    Shapes, dtypes, list lengths and devices are checked here, from metadata. The
+    values (finite coordinates, an integral batch index in ``[0, N)``) are checked by
+    the kernels, which output NaN for a bad row: reading them here would synchronise
+    the GPU on every call and break CUDA-graph capture.
+    """
+    n_images = input.shape[0]
+    dtype = compute_dtype(input.dtype)
+    device = getattr(input, "device", None)
+
+    def on_input_device(a, label):
+        if not is_array(a) or array_module(a) is not xp:
+            raise TypeError(f"{label} must be a {xp.__name__} array on the input's device, got {type(a).__name__}")
+        if getattr(a, "device", None) != device:
+            raise ValueError(f"{label} is on device {a.device} but input is on device {device}")
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise TypeError(f"{label} must hold real numbers, got dtype {a.dtype}")
+
+    if isinstance(rois, (list, tuple)):
+        if len(rois) > n_images:
+            raise ValueError(
+                f"{name} is a list of {len(rois)} per-image box arrays but input has only {n_images} images"
+            )
+        parts = []
+        for i, boxes in enumerate(rois):
+            on_input_device(boxes, f"{name}[{i}]")
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise ValueError(
+                    f"{name}[{i}] must have shape (K_{i}, 4) [x1, y1, x2, y2], got shape {tuple(boxes.shape)}"
+                )
+            parts.append(xp.concatenate([xp.full((boxes.shape[0], 1), i, dtype=dtype), boxes.astype(dtype)], axis=1))
+        out = xp.concatenate(parts, axis=0) if parts else xp.zeros((0, 5), dtype=dtype)
+        return xp.ascontiguousarray(out)
+    if not is_array(rois):
+        raise TypeError(
+            f"{name} must be a (K, 5) array or a list of per-image (K_i, 4) arrays, got {type(rois).__name__}"
+        )
+    on_input_device(rois, name)
+    if rois.ndim != 2 or rois.shape[1] != 5:
+        hint = (
+            "; a (K, 4) array lacks the batch index: prepend it or pass a list of per-image arrays"
+            if rois.ndim == 2 and rois.shape[1] == 4
+            else ""
+        )
+        raise ValueError(
+            f"{name} must have shape (K, 5) [batch_index, x1, y1, x2, y2], got shape {tuple(rois.shape)}{hint}"
+        )
+    return xp.ascontiguousarray(rois.astype(dtype, copy=False))
 
 
 def _check_numeric(a: np.ndarray, name: str) -> None:
@@ -183,6 +246,8 @@ def check_grad_output(grad_output, expected_shape: Tuple[int, ...], input, name:
         raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {grad_output.dtype}")
     if array_module(grad_output) is not array_module(input):
         raise TypeError(f"{name} and input must live on the same device (both NumPy or both CuPy)")
+    if getattr(grad_output, "device", None) != getattr(input, "device", None):
+        raise ValueError(f"{name} is on device {grad_output.device} but input is on device {input.device}")
     return grad_output
 
 

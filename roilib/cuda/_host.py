@@ -3,20 +3,65 @@
 ``KernelOps`` holds everything between a public call and a kernel launch: argument
 checks (``roilib._validate``), output and scratch buffers, the typed scalars in each
 kernel's parameter order, and the choice between the atomic and the deterministic
-backward. A backend supplies only ``xp`` (``numpy`` or ``cupy``) and ``launch``, so
-the CPU tests exercise exactly the host code the GPU runs.
+backward. A backend supplies only ``xp`` (``numpy`` or ``cupy``), ``launch`` and, on a
+GPU, ``device_scope``, so the CPU tests exercise exactly the host code the GPU runs.
 
-Kernel names are ``<family>_<kernel>_<f16|f32|f64>``; every kernel's first parameter is
-the number of work items ``n`` of its grid-stride loop, which ``launch`` passes.
+Rules this host code keeps for device arrays (``xp`` is not NumPy), because the GPU
+cannot be checked by the CPU build (``tests/test_device_host_code.py`` runs it against a
+fake device array type that refuses host conversion and counts transfers):
+
+* every op runs inside ``device_scope`` of its first array, so buffers are allocated
+  and kernels launched on that array's GPU, whichever device is current;
+* nothing is copied to the host and nothing synchronises: box *values* (finite
+  coordinates, integral batch index in range) are checked by the kernels themselves,
+  which output NaN for a bad row (see ``roi_is_valid`` in ``common.cuh``); shapes and
+  dtypes are still checked here, from metadata;
+* every buffer comes from ``_alloc``, which a caller can redirect (``use_allocator``;
+  the torch bridge hands out tensors from torch's caching allocator), and outputs that
+  every work item writes are not zero-filled.
+
+Kernel names are ``<family>_<kernel>_<f16|f32|f64|i32>``; every kernel's first
+parameter is the number of work items ``n`` (``long long``) of its grid-stride loop,
+which ``launch`` passes.
 """
 from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from .. import _validate as v
 
-_SUFFIX = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+_SUFFIX = {
+    np.dtype(np.float16): "f16",
+    np.dtype(np.float32): "f32",
+    np.dtype(np.float64): "f64",
+    np.dtype(np.int32): "i32",
+}
 _MODE = {"avg": 0, "max": 1}  # ROILIB_AVG, ROILIB_MAX in common.cuh
+#: entries of the per-tile box lists above which the tile side doubles (memory bound)
+TILE_LIST_BUDGET = 1 << 24
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def use_allocator(alloc: Callable) -> Iterator[None]:
+    """Within the block, every buffer the kernels' host code makes is ``alloc(shape, dtype)``.
+
+    ``alloc`` must return an array of the backend's type (C-contiguous, uninitialised is
+    fine). The torch bridge uses this so that outputs are tensors from torch's caching
+    allocator; the setting is per thread.
+    """
+    previous = getattr(_state, "alloc", None)
+    _state.alloc = alloc
+    try:
+        yield
+    finally:
+        _state.alloc = previous
 
 
 def _ints(*values):
@@ -28,23 +73,72 @@ def _real(dtype, value):
     return v.compute_dtype(dtype).type(value)
 
 
+def _on_device(method):
+    """Run a public op inside ``self.device_scope`` of its first array argument."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        first = args[0] if args else kwargs.get("grad_output", kwargs.get("input"))
+        with self.device_scope(first):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class KernelOps:
     """The ops, written once against ``self.xp`` and ``self.launch``.
 
     Signatures match ``roilib.reference``; the backward functions add
-    ``deterministic``: ``True`` gathers gradients without floating-point atomics
-    (bitwise identical run to run), ``False`` scatters them with ``atomicAdd``.
+    ``deterministic``: ``True`` gathers gradients tile by tile without floating-point
+    atomics (bitwise identical run to run), ``False`` (the default, as in torchvision)
+    scatters them with ``atomicAdd``. ``roilib.torch`` picks ``True`` when
+    ``torch.are_deterministic_algorithms_enabled()``.
     """
 
     xp = np
+    #: side of the deterministic backward's tiles; grows up to ``max_tile`` (the
+    #: kernels' ROILIB_TILE) when the per-tile box lists would pass TILE_LIST_BUDGET
+    tile = 16
+    max_tile = 16
 
     def launch(self, family: str, kernel: str, dtype, n: int, *args) -> None:
         """Run kernel ``<family>_<kernel>_<suffix of dtype>`` over ``n`` work items."""
         raise NotImplementedError
 
+    def device_scope(self, array):
+        """Context in which ``array``'s device is current (nothing to do on the CPU)."""
+        return contextlib.nullcontext()
+
+    @property
+    def on_host(self) -> bool:
+        """True when arrays live in host memory (NumPy), so values may be read."""
+        return self.xp is np
+
     def _run(self, family, kernel, dtype, n, *args):
         if n > 0:
             self.launch(family, kernel, dtype, n, *args)
+
+    # -- buffers -------------------------------------------------------------------
+
+    def _alloc(self, shape, dtype):
+        """An uninitialised C-contiguous buffer (from ``use_allocator``'s allocator if set)."""
+        alloc: Optional[Callable] = getattr(_state, "alloc", None)
+        if alloc is not None:
+            return alloc(tuple(int(d) for d in shape), np.dtype(dtype))
+        return self.xp.empty(shape, dtype=dtype)
+
+    def _zeros(self, shape, dtype):
+        out = self._alloc(shape, dtype)
+        out.fill(0)
+        return out
+
+    def _cast(self, acc, dtype):
+        """``acc`` in ``dtype``: itself when it already is, else a new buffer from ``_alloc``."""
+        if acc.dtype == np.dtype(dtype):
+            return acc
+        out = self._alloc(acc.shape, dtype)
+        out[...] = acc
+        return out
 
     # -- argument preparation ------------------------------------------------------
 
@@ -55,15 +149,45 @@ class KernelOps:
         return self.xp.ascontiguousarray(array)
 
     def _rois(self, rois, x):
-        """``(K, 5)`` boxes, contiguous, in the arithmetic dtype, on this backend's device."""
-        return self.xp.asarray(np.ascontiguousarray(v.check_rois(rois, x)))
+        """``(K, 5)`` boxes, contiguous, in the arithmetic dtype, on ``x``'s device.
+
+        Host arrays are checked in full (``_validate.check_rois``). Device arrays are
+        checked from their metadata only, and built on the device, with no transfer:
+        the kernels check their values (see the module docstring).
+        """
+        if self.on_host:
+            return np.ascontiguousarray(v.check_rois(rois, x))
+        return v.check_rois_on_device(rois, x, self.xp)
 
     def _grad(self, grad_output, shape, x):
         v.check_grad_output(grad_output, shape, x)
         return self.xp.ascontiguousarray(grad_output)
 
     def _zeros_acc(self, shape, dtype):
-        return self.xp.zeros(shape, dtype=v.compute_dtype(dtype))
+        return self._zeros(shape, v.compute_dtype(dtype))
+
+    def _box_tiles(self, ranges, n_images, h, w):
+        """Per-tile box lists for the deterministic backward (see ``tiles.cu``).
+
+        Returns ``lists, cumsum, (ts, TY, TX)``: tile ``t``'s boxes are
+        ``lists[t, :cumsum[t, K - 1]]``, in box order. Three ``(N * TY * TX, K)`` int32
+        buffers: the tile side starts at ``self.tile`` and doubles, up to
+        ``self.max_tile``, while they would hold more than ``TILE_LIST_BUDGET`` entries.
+        """
+        k = ranges.shape[0]
+        ts = self.tile
+        ty, tx = -(-h // ts), -(-w // ts)
+        while n_images * ty * tx * k > TILE_LIST_BUDGET and ts < self.max_tile:
+            ts *= 2
+            ty, tx = -(-h // ts), -(-w // ts)
+        tiles = n_images * ty * tx
+        flags = self._zeros((tiles, k), np.int32)
+        self._run("tiles", "flags", np.int32, k, ranges, *_ints(ts, ty, tx), flags)
+        cumsum = self._alloc((tiles, k), np.int32)
+        self.xp.cumsum(flags, axis=1, dtype=np.int32, out=cumsum)
+        lists = self._alloc((tiles, k), np.int32)
+        self._run("tiles", "lists", np.int32, tiles * k, flags, cumsum, np.int32(k), lists)
+        return lists, cumsum, (ts, ty, tx)
 
     def _box_args(self, input, rois, output_size, spatial_scale):
         """Checked arguments shared by the box ops: ``x, rois, PH, PW, typed scale``."""
@@ -84,34 +208,37 @@ class KernelOps:
 
     def _sampled_forward(self, family, x, r, ph, pw, box, mode):
         n, c, h, w = x.shape
-        out = self.xp.zeros((r.shape[0], c, ph, pw), dtype=x.dtype)
-        self._run(family, "forward", x.dtype, out.size, x, r, *_ints(c, h, w, ph, pw), *box, np.int32(mode), out)
+        out = self._alloc((r.shape[0], c, ph, pw), x.dtype)
+        self._run(family, "forward", x.dtype, out.size, x, r, *_ints(n, c, h, w, ph, pw), *box, np.int32(mode), out)
         return out
 
     def _sampled_backward(self, family, grad_output, x, r, ph, pw, box, mode, deterministic):
         n, c, h, w = x.shape
         k = r.shape[0]
         g = self._grad(grad_output, (k, c, ph, pw), x)
-        grad = self._zeros_acc(x.shape, x.dtype)
-        dims = _ints(c, h, w, ph, pw)
-        if not deterministic:
+        dims = _ints(n, c, h, w, ph, pw)
+        if not deterministic or k == 0:
+            grad = self._zeros_acc(x.shape, x.dtype)
             self._run(family, "backward_atomic", x.dtype, g.size, g, x, r, *dims, *box, np.int32(mode), grad)
+            return self._cast(grad, x.dtype)
+        ranges = self._alloc((k, 5), np.int32)
+        self._run(family, "ranges", x.dtype, k, r, np.int32(n), *dims[2:], *box, ranges)
+        if mode == _MODE["max"]:
+            winner = self._alloc(g.shape, np.int32)
+            self._run(family, "argmax", x.dtype, g.size, x, r, *dims, *box, winner)
         else:
-            ranges = self.xp.empty((k, 5), dtype=np.int32)
-            self._run(family, "ranges", x.dtype, k, r, *dims[1:], *box, ranges)
-            if mode == _MODE["max"]:
-                winner = self.xp.empty(g.shape, dtype=np.int32)
-                self._run(family, "argmax", x.dtype, g.size, x, r, *dims, *box, winner)
-            else:
-                winner = self.xp.zeros(1, dtype=np.int32)  # not read in avg mode
-            self._run(
-                family, "backward_gather", x.dtype, grad.size,
-                g, r, ranges, winner, np.int32(k), *dims, *box, np.int32(mode), grad,
-            )
-        return grad.astype(x.dtype, copy=False)
+            winner = self._alloc((1,), np.int32)  # not read in avg mode
+        lists, cumsum, (ts, ty, tx) = self._box_tiles(ranges, n, h, w)
+        grad = self._alloc(x.shape, v.compute_dtype(x.dtype))  # every element is written
+        self._run(
+            family, "backward_tiles", x.dtype, n * c * ty * tx,
+            g, r, lists, cumsum, winner, np.int32(k), *dims, *box, np.int32(mode), *_ints(ts, ty, tx), grad,
+        )  # fmt: skip
+        return self._cast(grad, x.dtype)
 
     # -- RoIAlign --------------------------------------------------------------------
 
+    @_on_device
     def roi_align(self, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg"):
         """RoIAlign forward.
 
@@ -129,7 +256,7 @@ class KernelOps:
 
     def roi_align_backward(
         self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
-        mode="avg", deterministic=True,
+        mode="avg", deterministic=False,
     ):
         """Gradient of ``roi_align`` with respect to ``input``.
 
@@ -139,8 +266,9 @@ class KernelOps:
         input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode
             As in ``roilib.reference.roi_align``.
         deterministic : bool
-            ``True``: gather without floating-point atomics, bitwise identical run to run.
-            ``False``: scatter with ``atomicAdd`` (faster on a GPU; the order of additions varies).
+            ``True``: gather per tile without floating-point atomics, bitwise identical
+            run to run. ``False`` (default, as torchvision): scatter with ``atomicAdd``;
+            on a GPU the order of additions, so the last bits, may vary.
 
         Returns
         -------
@@ -172,14 +300,17 @@ class KernelOps:
         n, c, h, w = x.shape
         k = r.shape[0]
         g = self._grad(grad_output, (k, c, ph, pw), x)
-        partial = self._zeros_acc((k, c, 4), x.dtype)
-        out = self._zeros_acc((k, 5), x.dtype)
-        self._run("roi_align", "box_partial", x.dtype, k * c, g, x, r, *_ints(c, h, w, ph, pw), *box, np.int32(m), partial)
+        acc = v.compute_dtype(x.dtype)
+        partial = self._alloc((k, c, 4), acc)  # both passes write every element
+        out = self._alloc((k, 5), acc)
+        dims = _ints(n, c, h, w, ph, pw)
+        self._run("roi_align", "box_partial", x.dtype, k * c, g, x, r, *dims, *box, np.int32(m), partial)
         self._run("roi_align", "box_reduce", x.dtype, k * 5, partial, np.int32(c), out)
-        return out.astype(x.dtype, copy=False)
+        return self._cast(out, x.dtype)
 
     # -- RoIWarp ---------------------------------------------------------------------
 
+    @_on_device
     def roi_warp(self, input, rois, output_size, spatial_scale=1.0, sampling_ratio=2, mode="max"):
         """RoIWarp forward.
 
@@ -197,7 +328,7 @@ class KernelOps:
 
     def roi_warp_backward(
         self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=2, mode="max",
-        deterministic=True,
+        deterministic=False,
     ):
         """Gradient of ``roi_warp`` with respect to ``input``.
 
@@ -207,8 +338,9 @@ class KernelOps:
         input, rois, output_size, spatial_scale, sampling_ratio, mode
             As in ``roilib.reference.roi_warp``.
         deterministic : bool
-            ``True``: gather without floating-point atomics, bitwise identical run to run.
-            ``False``: scatter with ``atomicAdd`` (faster on a GPU; the order of additions varies).
+            ``True``: gather per tile without floating-point atomics, bitwise identical
+            run to run. ``False`` (default, as torchvision): scatter with ``atomicAdd``;
+            on a GPU the order of additions, so the last bits, may vary.
 
         Returns
         -------
@@ -219,6 +351,7 @@ class KernelOps:
 
     # -- RoIPool ---------------------------------------------------------------------
 
+    @_on_device
     def roi_pool(self, input, rois, output_size, spatial_scale=1.0):
         """RoIPool forward.
 
@@ -233,11 +366,12 @@ class KernelOps:
         """
         x, r, ph, pw, scale = self._box_args(input, rois, output_size, spatial_scale)
         n, c, h, w = x.shape
-        out = self.xp.zeros((r.shape[0], c, ph, pw), dtype=x.dtype)
-        self._run("roi_pool", "forward", x.dtype, out.size, x, r, *_ints(c, h, w, ph, pw), scale, out)
+        out = self._alloc((r.shape[0], c, ph, pw), x.dtype)
+        self._run("roi_pool", "forward", x.dtype, out.size, x, r, *_ints(n, c, h, w, ph, pw), scale, out)
         return out
 
-    def roi_pool_backward(self, grad_output, input, rois, output_size, spatial_scale=1.0, deterministic=True):
+    @_on_device
+    def roi_pool_backward(self, grad_output, input, rois, output_size, spatial_scale=1.0, deterministic=False):
         """Gradient of ``roi_pool`` with respect to ``input``.
 
         Parameters
@@ -246,8 +380,9 @@ class KernelOps:
         input, rois, output_size, spatial_scale
             As in ``roilib.reference.roi_pool``.
         deterministic : bool
-            ``True``: gather without floating-point atomics, bitwise identical run to run.
-            ``False``: scatter with ``atomicAdd`` (faster on a GPU; the order of additions varies).
+            ``True``: gather per tile without floating-point atomics, bitwise identical
+            run to run. ``False`` (default, as torchvision): scatter with ``atomicAdd``;
+            on a GPU the order of additions, so the last bits, may vary.
 
         Returns
         -------
@@ -257,19 +392,22 @@ class KernelOps:
         n, c, h, w = x.shape
         k = r.shape[0]
         g = self._grad(grad_output, (k, c, ph, pw), x)
-        grad = self._zeros_acc(x.shape, x.dtype)
-        dims = _ints(c, h, w, ph, pw)
-        if not deterministic:
+        dims = _ints(n, c, h, w, ph, pw)
+        if not deterministic or k == 0:
+            grad = self._zeros_acc(x.shape, x.dtype)
             self._run("roi_pool", "backward_atomic", x.dtype, g.size, g, x, r, *dims, scale, grad)
-        else:
-            ranges = self.xp.empty((k, 5), dtype=np.int32)
-            argmax = self.xp.empty(g.shape, dtype=np.int32)
-            self._run("roi_pool", "ranges", x.dtype, k, r, *dims[1:], scale, ranges)
-            self._run("roi_pool", "argmax", x.dtype, g.size, x, r, *dims, scale, argmax)
-            self._run(
-                "roi_pool", "backward_gather", x.dtype, grad.size, g, r, ranges, argmax, np.int32(k), *dims, scale, grad
-            )
-        return grad.astype(x.dtype, copy=False)
+            return self._cast(grad, x.dtype)
+        ranges = self._alloc((k, 5), np.int32)
+        argmax = self._alloc(g.shape, np.int32)
+        self._run("roi_pool", "ranges", x.dtype, k, r, np.int32(n), *dims[2:], scale, ranges)
+        self._run("roi_pool", "argmax", x.dtype, g.size, x, r, *dims, scale, argmax)
+        lists, cumsum, (ts, ty, tx) = self._box_tiles(ranges, n, h, w)
+        grad = self._alloc(x.shape, v.compute_dtype(x.dtype))  # every element is written
+        self._run(
+            "roi_pool", "backward_tiles", x.dtype, n * c * ty * tx,
+            g, r, lists, cumsum, argmax, np.int32(k), *dims, scale, *_ints(ts, ty, tx), grad,
+        )  # fmt: skip
+        return self._cast(grad, x.dtype)
 
     # -- SPP -------------------------------------------------------------------------
 
@@ -281,6 +419,7 @@ class KernelOps:
             offset += c * n * n
         return out, offset
 
+    @_on_device
     def spp(self, input, levels=(4, 2, 1), mode="max"):
         """Spatial pyramid pooling.
 
@@ -297,12 +436,13 @@ class KernelOps:
         levels, m = v.check_levels(levels), _MODE[v.check_mode(mode)]
         n, c, h, w = x.shape
         plan, width = self._spp_levels(levels, c)
-        out = self.xp.zeros((n, width), dtype=x.dtype)
+        out = self._alloc((n, width), x.dtype)  # the levels together write every column
         for level, offset in plan:
             self._run("spp", "forward", x.dtype, n * c * level * level, x, *_ints(c, h, w, level, offset, width, m), out)
         return out
 
-    def spp_backward(self, grad_output, input, levels=(4, 2, 1), mode="max", deterministic=True):
+    @_on_device
+    def spp_backward(self, grad_output, input, levels=(4, 2, 1), mode="max", deterministic=False):
         """Gradient of ``spp`` with respect to ``input``.
 
         Parameters
@@ -311,8 +451,9 @@ class KernelOps:
         input, levels, mode
             As in ``roilib.reference.spp``.
         deterministic : bool
-            ``True``: gather without floating-point atomics, bitwise identical run to run.
-            ``False``: scatter with ``atomicAdd`` (faster on a GPU; the order of additions varies).
+            ``True``: gather per tile without floating-point atomics, bitwise identical
+            run to run. ``False`` (default, as torchvision): scatter with ``atomicAdd``;
+            on a GPU the order of additions, so the last bits, may vary.
 
         Returns
         -------
@@ -331,10 +472,10 @@ class KernelOps:
                     "spp", "backward_atomic", x.dtype, cells, g, x, *_ints(c, h, w, level, offset, width, m), grad
                 )
                 continue
-            argmax = self.xp.zeros(cells if m == _MODE["max"] else 1, dtype=np.int32)
+            argmax = self._alloc((cells if m == _MODE["max"] else 1,), np.int32)
             if m == _MODE["max"]:
                 self._run("spp", "argmax", x.dtype, cells, x, *_ints(h, w, level), argmax)
             self._run(
                 "spp", "backward_gather", x.dtype, grad.size, g, argmax, *_ints(c, h, w, level, offset, width, m), grad
             )
-        return grad.astype(x.dtype, copy=False)
+        return self._cast(grad, x.dtype)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List
 
 KERNEL_DIR = Path(__file__).resolve().with_name("kernels")
-FAMILIES = ("roi_align", "roi_pool", "roi_warp", "spp")
+FAMILIES = ("roi_align", "roi_pool", "roi_warp", "spp", "tiles")
 
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
 

@@ -166,9 +166,13 @@ class CpuOps(KernelOps):
 
     xp = np
 
-    def __init__(self, sanitize: bool = False, debug: bool = False):
+    def __init__(self, sanitize: bool = False, debug: bool = False, launch_shape=None):
+        """``launch_shape=(blocks, threads)`` replays a GPU launch of that shape thread by
+        thread (each walks its own share of the grid-stride loop) instead of one thread
+        walking everything: slower, and only for tests of the loops' indexing."""
         self.sanitize = sanitize
         self.debug = debug
+        self.launch_shape = launch_shape
         self._libraries = {}
 
     def library(self, family: str) -> ctypes.CDLL:
@@ -178,10 +182,22 @@ class CpuOps(KernelOps):
         return self._libraries[family]
 
     def launch(self, family, kernel, dtype, n, *args):
-        fn = getattr(self.library(family), f"{family}_{kernel}_{_SUFFIX[np.dtype(dtype)]}")
+        library = self.library(family)
+        fn = getattr(library, f"{family}_{kernel}_{_SUFFIX[np.dtype(dtype)]}")
         fn.restype = None
         # The arrays stay referenced by `args` until the call returns.
-        fn(ctypes.c_long(n), *[_ctype(a) for a in args])
+        c_args = [ctypes.c_longlong(n), *[_ctype(a) for a in args]]
+        if self.launch_shape is None:
+            fn(*c_args)
+            return
+        blocks, threads = self.launch_shape
+        try:
+            for b in range(blocks):
+                for t in range(threads):
+                    library.roilib_cpu_set_thread(b, t, blocks, threads)
+                    fn(*c_args)
+        finally:
+            library.roilib_cpu_set_thread(0, 0, 1, 1)
 
 
 _ops = CpuOps(sanitize=_env_flag("ROILIB_CPU_SANITIZE"), debug=_env_flag("ROILIB_CPU_DEBUG"))

@@ -14,6 +14,19 @@
 #include "cpu_shim.h"
 #endif
 
+// Every kernel is a grid-stride loop over its n work items. Indices are long long: a
+// (K, C, PH, PW) output passes 2^31 elements at K = 4096, C = 512, 32 x 32, and `long`
+// is only 32 bits on Windows.
+#define ROILIB_FOR_EACH(i, n) \
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
+
+// Largest side of the square tiles of the deterministic backward (each work item keeps
+// a ROILIB_TILE^2 accumulator; the host picks the side, at most this, as
+// KernelOps.max_tile).
+#ifndef ROILIB_TILE
+#define ROILIB_TILE 16
+#endif
+
 // mode argument of the pooling kernels
 #define ROILIB_AVG 0
 #define ROILIB_MAX 1
@@ -29,6 +42,28 @@ __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
+// A quiet NaN: what an op writes for a box it cannot read (see roi_is_valid).
+__device__ __forceinline__ float nan_of(float) { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ double nan_of(double) { return __longlong_as_double(0x7ff8000000000000LL); }
+
+// Machine epsilon of the arithmetic type (bounds on rounding error in index solves).
+__device__ __forceinline__ float eps_of(float) { return 1.1920928955078125e-7f; }
+__device__ __forceinline__ double eps_of(double) { return 2.220446049250313e-16; }
+
+// Boxes on a device are not value-checked on the host (that would copy them back and
+// synchronise the GPU), so every kernel checks the row it reads: an integral batch
+// index in [0, N) and finite coordinates. v - v is 0 exactly when v is finite (no
+// --use_fast_math, so inf and NaN propagate). A bad row outputs NaN and routes no
+// gradient, so it can never read outside the map nor pass unnoticed.
+template <class A>
+__device__ __forceinline__ bool roi_is_valid(const A* roi, int N) {
+  A b = roi[0];
+  if (!(b >= (A)0 && b < (A)N && b == floor(b))) return false;
+  for (int j = 1; j < 5; ++j)
+    if (!(roi[j] - roi[j] == (A)0)) return false;
+  return true;
+}
+
 // Float-to-int conversion that stays defined for any finite value: clamp to
 // [lo, hi] in floating point first (a C cast of an out-of-range float is undefined).
 template <class A>
@@ -40,7 +75,7 @@ __device__ __forceinline__ int clamp_to_int(A v, int lo, int hi) {
 // row-major order (strict >), so *arg = h * W + w is the same pixel the reference picks;
 // an empty window gives 0 and *arg = -1.
 template <class T, class A>
-__device__ A window_max(const T* plane, int W, int h0, int h1, int w0, int w1, int* arg) {
+__device__ A window_max(const T* __restrict__ plane, int W, int h0, int h1, int w0, int w1, int* arg) {
   A best = 0;
   *arg = -1;
   for (int h = h0; h < h1; ++h) {

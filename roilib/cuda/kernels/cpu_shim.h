@@ -16,6 +16,7 @@
 // The kernels call floor/ceil/round unqualified on float and double, as CUDA code does;
 // these bring the float overloads into scope so float stays float.
 using std::ceil;
+using std::fabs;
 using std::floor;
 using std::round;
 
@@ -27,10 +28,33 @@ using std::round;
 struct roilib_dim3 {
   unsigned int x, y, z;
 };
-static const roilib_dim3 threadIdx = {0, 0, 0};
-static const roilib_dim3 blockIdx = {0, 0, 0};
-static const roilib_dim3 blockDim = {1, 1, 1};
-static const roilib_dim3 gridDim = {1, 1, 1};
+// One block of one thread by default. roilib_cpu_set_thread lets the host replay a
+// real launch thread by thread (blocks x threads calls, each walking its own share of
+// the grid-stride loop), which is how the tests reach a loop's second pass.
+static roilib_dim3 threadIdx = {0, 0, 0};
+static roilib_dim3 blockIdx = {0, 0, 0};
+static roilib_dim3 blockDim = {1, 1, 1};
+static roilib_dim3 gridDim = {1, 1, 1};
+
+extern "C" void roilib_cpu_set_thread(unsigned int block, unsigned int thread, unsigned int blocks,
+                                      unsigned int threads) {
+  blockIdx.x = block;
+  threadIdx.x = thread;
+  gridDim.x = blocks;
+  blockDim.x = threads;
+}
+
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+inline double __longlong_as_double(long long i) {
+  double d;
+  std::memcpy(&d, &i, sizeof d);
+  return d;
+}
 
 template <class T>
 inline T atomicAdd(T* address, T value) {

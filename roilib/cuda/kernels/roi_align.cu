@@ -4,15 +4,18 @@
 // sampling.cuh for the shared sampling code and DESIGN.md for the exact rules.
 #include "sampling.cuh"
 
-// RoIAlign's box: scaled corners, shifted by half a pixel when aligned.
+// RoIAlign's box: scaled corners, shifted by half a pixel when aligned. `images` is N,
+// for roi_is_valid.
 template <class A>
 struct AlignBox {
   A scale;
   bool aligned;
+  int images;
 
   __device__ SampleGrid<A> grid(const A* roi, int PH, int PW, int sampling_ratio) const {
     A off = aligned ? (A)0.5 : (A)0;
-    return sample_grid<A>((int)roi[0], roi[1] * scale - off, roi[2] * scale - off, roi[3] * scale - off,
+    bool valid = roi_is_valid(roi, images);
+    return sample_grid<A>(valid, (int)roi[0], roi[1] * scale - off, roi[2] * scale - off, roi[3] * scale - off,
                           roi[4] * scale - off, PH, PW, sampling_ratio, !aligned);
   }
 };
@@ -25,8 +28,8 @@ struct AlignBox {
 // (1 - lx)(X[yh,xl] - X[yl,xl]) + lx (X[yh,xh] - X[yl,xh]), and not at all where y was
 // clamped (y <= 0, at or past the last row) or the sample is out of range. Same for x.
 template <class T, class A>
-__device__ void add_box_gradient(const T* plane, int H, int W, const SampleGrid<A>& g, A scale, int PH, int PW,
-                                 int ph, int pw, int iy, int ix, A grad, A* d) {
+__device__ void add_box_gradient(const T* __restrict__ plane, int H, int W, const SampleGrid<A>& g, A scale, int PH,
+                                 int PW, int ph, int pw, int iy, int ix, A grad, A* d) {
   Tap<A> ty = tap_y(g, ph, iy, H), tx = tap_x(g, pw, ix, W);
   if (!(ty.inside && tx.inside)) return;
   A v1 = to_acc(plane[ty.lo * W + tx.lo]), v2 = to_acc(plane[ty.lo * W + tx.hi]);
@@ -53,17 +56,17 @@ __device__ void add_box_gradient(const T* plane, int H, int W, const SampleGrid<
 // Box gradient, pass 1: one work item per (box k, channel c) sums over the bins of
 // that channel and writes partial[4 * (k*C + c) + {0..3}] (x1, y1, x2, y2).
 template <class T, class A>
-__device__ void roi_align_box_partial(long n, const T* grad_output, const T* input, const A* rois, int C, int H,
-                                      int W, int PH, int PW, AlignBox<A> box, int sampling_ratio, int mode,
-                                      A* partial) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)blockDim.x * gridDim.x) {
+__device__ void roi_align_box_partial(long long n, const T* __restrict__ grad_output, const T* __restrict__ input,
+                                      const A* __restrict__ rois, int C, int H, int W, int PH, int PW,
+                                      AlignBox<A> box, int sampling_ratio, int mode, A* __restrict__ partial) {
+  ROILIB_FOR_EACH(i, n) {
     int c = (int)(i % C);
-    long k = i / C;
+    long long k = i / C;
     SampleGrid<A> g = box.grid(rois + 5 * k, PH, PW, sampling_ratio);
-    const T* plane = input + ((long)g.batch * C + c) * H * W;
+    const T* plane = input + ((long long)g.batch * C + c) * H * W;
     const T* go = grad_output + i * PH * PW;
     A d[4] = {0, 0, 0, 0};
-    for (int ph = 0; ph < PH; ++ph) {
+    for (int ph = 0; ph < PH && g.valid; ++ph) {
       for (int pw = 0; pw < PW; ++pw) {
         A grad = to_acc(go[ph * PW + pw]);
         if (mode == ROILIB_MAX) {
@@ -85,9 +88,9 @@ __device__ void roi_align_box_partial(long n, const T* grad_output, const T* inp
 // the channels' partials in channel order (deterministic); column 0, the batch
 // index, gets 0.
 template <class A>
-__device__ void roi_align_box_reduce(long n, const A* partial, int C, A* grad_rois) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)blockDim.x * gridDim.x) {
-    long k = i / 5;
+__device__ void roi_align_box_reduce(long long n, const A* __restrict__ partial, int C, A* __restrict__ grad_rois) {
+  ROILIB_FOR_EACH(i, n) {
+    long long k = i / 5;
     int j = (int)(i % 5);
     A sum = 0;
     if (j > 0)
@@ -97,43 +100,52 @@ __device__ void roi_align_box_reduce(long n, const A* partial, int C, A* grad_ro
 }
 
 // extern "C" entry points, one set per dtype. rois are (K, 5) in the arithmetic type A;
-// gradients are written in A (the host casts float32 back to float16).
-#define ROI_ALIGN_ENTRY_POINTS(SUFFIX, T, A)                                                                         \
-  extern "C" __global__ void roi_align_forward_##SUFFIX(long n, const T* input, const A* rois, int C, int H, int W,  \
-                                                        int PH, int PW, A scale, int sampling_ratio, int aligned,    \
-                                                        int mode, T* output) {                                       \
-    sampled_forward<T, A>(n, input, rois, C, H, W, PH, PW, AlignBox<A>{scale, aligned != 0}, sampling_ratio, mode,  \
-                          output);                                                                                   \
-  }                                                                                                                  \
-  extern "C" __global__ void roi_align_argmax_##SUFFIX(long n, const T* input, const A* rois, int C, int H, int W,   \
-                                                       int PH, int PW, A scale, int sampling_ratio, int aligned,     \
-                                                       int* winner) {                                                \
-    sampled_argmax<T, A>(n, input, rois, C, H, W, PH, PW, AlignBox<A>{scale, aligned != 0}, sampling_ratio, winner); \
-  }                                                                                                                  \
-  extern "C" __global__ void roi_align_backward_atomic_##SUFFIX(                                                     \
-      long n, const T* grad_output, const T* input, const A* rois, int C, int H, int W, int PH, int PW, A scale,     \
-      int sampling_ratio, int aligned, int mode, A* grad_input) {                                                    \
-    sampled_backward_atomic<T, A>(n, grad_output, input, rois, C, H, W, PH, PW, AlignBox<A>{scale, aligned != 0},    \
-                                  sampling_ratio, mode, grad_input);                                                 \
-  }                                                                                                                  \
-  extern "C" __global__ void roi_align_ranges_##SUFFIX(long n, const A* rois, int H, int W, int PH, int PW, A scale, \
-                                                       int sampling_ratio, int aligned, int* ranges) {               \
-    sampled_ranges<A>(n, rois, H, W, PH, PW, AlignBox<A>{scale, aligned != 0}, sampling_ratio, ranges);              \
-  }                                                                                                                  \
-  extern "C" __global__ void roi_align_backward_gather_##SUFFIX(                                                     \
-      long n, const T* grad_output, const A* rois, const int* ranges, const int* winner, int K, int C, int H, int W, \
-      int PH, int PW, A scale, int sampling_ratio, int aligned, int mode, A* grad_input) {                           \
-    sampled_backward_gather<T, A>(n, grad_output, rois, ranges, winner, K, C, H, W, PH, PW,                          \
-                                  AlignBox<A>{scale, aligned != 0}, sampling_ratio, mode, grad_input);               \
-  }                                                                                                                  \
-  extern "C" __global__ void roi_align_box_partial_##SUFFIX(                                                         \
-      long n, const T* grad_output, const T* input, const A* rois, int C, int H, int W, int PH, int PW, A scale,     \
-      int sampling_ratio, int aligned, int mode, A* partial) {                                                       \
-    roi_align_box_partial<T, A>(n, grad_output, input, rois, C, H, W, PH, PW, AlignBox<A>{scale, aligned != 0},      \
-                                sampling_ratio, mode, partial);                                                      \
-  }                                                                                                                  \
-  extern "C" __global__ void roi_align_box_reduce_##SUFFIX(long n, const A* partial, int C, A* grad_rois) {          \
-    roi_align_box_reduce<A>(n, partial, C, grad_rois);                                                               \
+// gradients are written in A (the host casts float32 back to float16). N is the number
+// of images (for roi_is_valid).
+#define ROILIB_ALIGN_BOX(A) AlignBox<A>{scale, aligned != 0, N}
+#define ROI_ALIGN_ENTRY_POINTS(SUFFIX, T, A)                                                                          \
+  extern "C" __global__ void roi_align_forward_##SUFFIX(long long n, const T* __restrict__ input,                     \
+                                                        const A* __restrict__ rois, int N, int C, int H, int W,       \
+                                                        int PH, int PW, A scale, int sampling_ratio, int aligned,     \
+                                                        int mode, T* __restrict__ output) {                           \
+    sampled_forward<T, A>(n, input, rois, C, H, W, PH, PW, ROILIB_ALIGN_BOX(A), sampling_ratio, mode, output);           \
+  }                                                                                                                   \
+  extern "C" __global__ void roi_align_argmax_##SUFFIX(long long n, const T* __restrict__ input,                      \
+                                                       const A* __restrict__ rois, int N, int C, int H, int W,        \
+                                                       int PH, int PW, A scale, int sampling_ratio, int aligned,      \
+                                                       int* __restrict__ winner) {                                    \
+    sampled_argmax<T, A>(n, input, rois, C, H, W, PH, PW, ROILIB_ALIGN_BOX(A), sampling_ratio, winner);                  \
+  }                                                                                                                   \
+  extern "C" __global__ void roi_align_backward_atomic_##SUFFIX(                                                      \
+      long long n, const T* __restrict__ grad_output, const T* __restrict__ input, const A* __restrict__ rois, int N, \
+      int C, int H, int W, int PH, int PW, A scale, int sampling_ratio, int aligned, int mode,                        \
+      A* __restrict__ grad_input) {                                                                                   \
+    sampled_backward_atomic<T, A>(n, grad_output, input, rois, C, H, W, PH, PW, ROILIB_ALIGN_BOX(A), sampling_ratio,     \
+                                  mode, grad_input);                                                                  \
+  }                                                                                                                   \
+  extern "C" __global__ void roi_align_ranges_##SUFFIX(long long n, const A* __restrict__ rois, int N, int H, int W,  \
+                                                       int PH, int PW, A scale, int sampling_ratio, int aligned,      \
+                                                       int* __restrict__ ranges) {                                    \
+    sampled_ranges<A>(n, rois, H, W, PH, PW, ROILIB_ALIGN_BOX(A), sampling_ratio, ranges);                               \
+  }                                                                                                                   \
+  extern "C" __global__ void roi_align_backward_tiles_##SUFFIX(                                                       \
+      long long n, const T* __restrict__ grad_output, const A* __restrict__ rois, const int* __restrict__ lists,      \
+      const int* __restrict__ cumsum, const int* __restrict__ winner, int K, int N, int C, int H, int W, int PH,      \
+      int PW, A scale, int sampling_ratio, int aligned, int mode, int ts, int TY, int TX,                             \
+      A* __restrict__ grad_input) {                                                                                   \
+    sampled_backward_tiles<T, A>(n, grad_output, rois, lists, cumsum, winner, K, C, H, W, PH, PW, ROILIB_ALIGN_BOX(A),   \
+                                 sampling_ratio, mode, ts, TY, TX, grad_input);                                       \
+  }                                                                                                                   \
+  extern "C" __global__ void roi_align_box_partial_##SUFFIX(                                                          \
+      long long n, const T* __restrict__ grad_output, const T* __restrict__ input, const A* __restrict__ rois, int N, \
+      int C, int H, int W, int PH, int PW, A scale, int sampling_ratio, int aligned, int mode,                        \
+      A* __restrict__ partial) {                                                                                      \
+    roi_align_box_partial<T, A>(n, grad_output, input, rois, C, H, W, PH, PW, ROILIB_ALIGN_BOX(A), sampling_ratio, mode, \
+                                partial);                                                                             \
+  }                                                                                                                   \
+  extern "C" __global__ void roi_align_box_reduce_##SUFFIX(long long n, const A* __restrict__ partial, int C,         \
+                                                           A* __restrict__ grad_rois) {                               \
+    roi_align_box_reduce<A>(n, partial, C, grad_rois);                                                                \
   }
 
 ROI_ALIGN_ENTRY_POINTS(f16, __half, float)

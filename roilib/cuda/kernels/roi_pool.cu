@@ -11,14 +11,22 @@
 // 2^24 pixels the values are the same integers.
 template <class A>
 struct PoolBox {
+  bool valid;  // roi_is_valid; an invalid box has empty bins
   int batch;
   A y0, x0;
   A bin_h, bin_w;
 };
 
 template <class A>
-__device__ PoolBox<A> pool_box(const A* roi, A scale, int PH, int PW) {
+__device__ PoolBox<A> pool_box(const A* roi, A scale, int N, int PH, int PW) {
   PoolBox<A> b;
+  b.valid = roi_is_valid(roi, N);
+  if (!b.valid) {
+    b.batch = 0;
+    b.y0 = b.x0 = 0;
+    b.bin_h = b.bin_w = 1;
+    return b;
+  }
   b.batch = (int)roi[0];
   b.x0 = round(roi[1] * scale);
   b.y0 = round(roi[2] * scale);
@@ -38,62 +46,85 @@ __device__ __forceinline__ void pool_bin_range(A start, A bin, int p, int size, 
 
 // Max of bin (ph, pw) of box b; *arg = h * W + w of its pixel, -1 when empty.
 template <class T, class A>
-__device__ __forceinline__ A pool_bin_max(const T* plane, int H, int W, const PoolBox<A>& b, int ph, int pw,
-                                          int* arg) {
+__device__ __forceinline__ A pool_bin_max(const T* __restrict__ plane, int H, int W, const PoolBox<A>& b, int ph,
+                                          int pw, int* arg) {
   int h0, h1, w0, w1;
   pool_bin_range(b.y0, b.bin_h, ph, H, &h0, &h1);
   pool_bin_range(b.x0, b.bin_w, pw, W, &w0, &w1);
   return window_max<T, A>(plane, W, h0, h1, w0, w1, arg);
 }
 
-// Forward: one work item per output element (k, c, ph, pw).
+// Output element i = ((k * C + c) * PH + ph) * PW + pw.
+struct PoolIndex {
+  long long k;
+  int c, ph, pw;
+};
+
+__device__ __forceinline__ PoolIndex pool_index(long long i, int C, int PH, int PW) {
+  PoolIndex o;
+  o.pw = (int)(i % PW);
+  o.ph = (int)(i / PW % PH);
+  o.c = (int)(i / PW / PH % C);
+  o.k = i / PW / PH / C;
+  return o;
+}
+
+// Forward: one work item per output element (k, c, ph, pw). Writes every element.
 template <class T, class A>
-__device__ void roi_pool_forward(long n, const T* input, const A* rois, int C, int H, int W, int PH, int PW, A scale,
-                                 T* output) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)blockDim.x * gridDim.x) {
-    int pw = (int)(i % PW), ph = (int)(i / PW % PH), c = (int)(i / PW / PH % C);
-    long k = i / PW / PH / C;
-    PoolBox<A> b = pool_box(rois + 5 * k, scale, PH, PW);
+__device__ void roi_pool_forward(long long n, const T* __restrict__ input, const A* __restrict__ rois, int N, int C,
+                                 int H, int W, int PH, int PW, A scale, T* __restrict__ output) {
+  ROILIB_FOR_EACH(i, n) {
+    PoolIndex o = pool_index(i, C, PH, PW);
+    PoolBox<A> b = pool_box(rois + 5 * o.k, scale, N, PH, PW);
+    if (!b.valid) {
+      store(output + i, nan_of(A()));
+      continue;
+    }
     int arg;
-    store(output + i, pool_bin_max(input + ((long)b.batch * C + c) * H * W, H, W, b, ph, pw, &arg));
+    store(output + i, pool_bin_max(input + ((long long)b.batch * C + o.c) * H * W, H, W, b, o.ph, o.pw, &arg));
   }
 }
 
 // First pass of the deterministic backward: each output's argmax (h * W + w, or -1).
 template <class T, class A>
-__device__ void roi_pool_argmax(long n, const T* input, const A* rois, int C, int H, int W, int PH, int PW, A scale,
-                                int* argmax) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)blockDim.x * gridDim.x) {
-    int pw = (int)(i % PW), ph = (int)(i / PW % PH), c = (int)(i / PW / PH % C);
-    long k = i / PW / PH / C;
-    PoolBox<A> b = pool_box(rois + 5 * k, scale, PH, PW);
-    pool_bin_max(input + ((long)b.batch * C + c) * H * W, H, W, b, ph, pw, argmax + i);
+__device__ void roi_pool_argmax(long long n, const T* __restrict__ input, const A* __restrict__ rois, int N, int C,
+                                int H, int W, int PH, int PW, A scale, int* __restrict__ argmax) {
+  ROILIB_FOR_EACH(i, n) {
+    PoolIndex o = pool_index(i, C, PH, PW);
+    PoolBox<A> b = pool_box(rois + 5 * o.k, scale, N, PH, PW);
+    if (!b.valid) {
+      argmax[i] = -1;
+      continue;
+    }
+    pool_bin_max(input + ((long long)b.batch * C + o.c) * H * W, H, W, b, o.ph, o.pw, argmax + i);
   }
 }
 
 // Backward with atomics: each output adds its gradient at its argmax pixel.
 // grad_input is in A and must be zeroed.
 template <class T, class A>
-__device__ void roi_pool_backward_atomic(long n, const T* grad_output, const T* input, const A* rois, int C, int H,
-                                         int W, int PH, int PW, A scale, A* grad_input) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)blockDim.x * gridDim.x) {
-    int pw = (int)(i % PW), ph = (int)(i / PW % PH), c = (int)(i / PW / PH % C);
-    long k = i / PW / PH / C;
-    PoolBox<A> b = pool_box(rois + 5 * k, scale, PH, PW);
-    long plane_offset = ((long)b.batch * C + c) * H * W;
+__device__ void roi_pool_backward_atomic(long long n, const T* __restrict__ grad_output, const T* __restrict__ input,
+                                         const A* __restrict__ rois, int N, int C, int H, int W, int PH, int PW,
+                                         A scale, A* __restrict__ grad_input) {
+  ROILIB_FOR_EACH(i, n) {
+    PoolIndex o = pool_index(i, C, PH, PW);
+    PoolBox<A> b = pool_box(rois + 5 * o.k, scale, N, PH, PW);
+    if (!b.valid) continue;
+    long long plane_offset = ((long long)b.batch * C + o.c) * H * W;
     int arg;
-    pool_bin_max(input + plane_offset, H, W, b, ph, pw, &arg);
+    pool_bin_max(input + plane_offset, H, W, b, o.ph, o.pw, &arg);
     if (arg >= 0) atomicAdd(grad_input + plane_offset + arg, to_acc(grad_output[i]));
   }
 }
 
 // Deterministic backward, step 1: one work item per box writes
 // ranges[5k .. 5k+4] = {image, first row, last row, first column, last column} that
-// its non-empty bins cover (image -1: none).
+// its non-empty bins cover (image -1: none); tiles.cu lists the boxes per tile.
 template <class A>
-__device__ void roi_pool_ranges(long n, const A* rois, int H, int W, int PH, int PW, A scale, int* ranges) {
-  for (long k = blockIdx.x * (long)blockDim.x + threadIdx.x; k < n; k += (long)blockDim.x * gridDim.x) {
-    PoolBox<A> b = pool_box(rois + 5 * k, scale, PH, PW);
+__device__ void roi_pool_ranges(long long n, const A* __restrict__ rois, int N, int H, int W, int PH, int PW, A scale,
+                                int* __restrict__ ranges) {
+  ROILIB_FOR_EACH(k, n) {
+    PoolBox<A> b = pool_box(rois + 5 * k, scale, N, PH, PW);
     int* r = ranges + 5 * k;
     r[1] = H, r[2] = -1, r[3] = W, r[4] = -1;
     for (int p = 0; p < PH; ++p) {
@@ -106,62 +137,80 @@ __device__ void roi_pool_ranges(long n, const A* rois, int H, int W, int PH, int
       pool_bin_range(b.x0, b.bin_w, p, W, &lo, &hi);
       if (lo < hi) r[3] = imin(r[3], lo), r[4] = imax(r[4], hi - 1);
     }
-    r[0] = (r[1] <= r[2] && r[3] <= r[4]) ? b.batch : -1;
+    r[0] = (b.valid && r[1] <= r[2] && r[3] <= r[4]) ? b.batch : -1;
   }
 }
 
-// Deterministic backward, step 2: one work item per input element (b, c, h, w) sums,
-// box by box and bin by bin, the gradients of the bins whose argmax is this pixel.
-// grad_input is in A and is overwritten.
+// Deterministic backward, step 3: one work item per (image b, channel c, tile) walks
+// the tile's box list (tiles.cu) in box order and, for the bins that meet the tile,
+// adds each bin's gradient at its argmax when that pixel is in the tile. Same terms in
+// the same order per pixel as the atomic version on the CPU; writes every element.
 template <class T, class A>
-__device__ void roi_pool_backward_gather(long n, const T* grad_output, const A* rois, const int* ranges,
-                                         const int* argmax, int K, int C, int H, int W, int PH, int PW, A scale,
-                                         A* grad_input) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)blockDim.x * gridDim.x) {
-    int w = (int)(i % W), h = (int)(i / W % H), c = (int)(i / W / H % C);
-    int img = (int)(i / W / H / C);
-    A acc = 0;
-    for (int k = 0; k < K; ++k) {
-      const int* r = ranges + 5 * k;
-      if (r[0] != img || h < r[1] || h > r[2] || w < r[3] || w > r[4]) continue;
-      PoolBox<A> b = pool_box(rois + 5 * (long)k, scale, PH, PW);
-      long out0 = ((long)k * C + c) * PH * PW;
+__device__ void roi_pool_backward_tiles(long long n, const T* __restrict__ grad_output, const A* __restrict__ rois,
+                                        const int* __restrict__ lists, const int* __restrict__ cumsum,
+                                        const int* __restrict__ argmax, int K, int N, int C, int H, int W, int PH,
+                                        int PW, A scale, int ts, int TY, int TX, A* __restrict__ grad_input) {
+  ROILIB_FOR_EACH(i, n) {
+    int tx = (int)(i % TX), ty = (int)(i / TX % TY), c = (int)(i / TX / TY % C);
+    long long img = i / TX / TY / C;
+    long long tile = (img * TY + ty) * TX + tx;
+    int r0 = ty * ts, c0 = tx * ts;
+    int r1 = imin(r0 + ts, H) - 1, c1 = imin(c0 + ts, W) - 1;
+    A acc[ROILIB_TILE * ROILIB_TILE];
+    for (int p = 0; p < ts * ts; ++p) acc[p] = 0;
+    int count = cumsum[tile * K + K - 1];
+    for (int j = 0; j < count; ++j) {
+      long long k = lists[tile * K + j];
+      PoolBox<A> b = pool_box(rois + 5 * k, scale, N, PH, PW);
+      long long out0 = (k * C + c) * PH * PW;
       for (int ph = 0; ph < PH; ++ph) {
         int h0, h1;
         pool_bin_range(b.y0, b.bin_h, ph, H, &h0, &h1);
-        if (h < h0 || h >= h1) continue;
+        if (h1 <= r0 || h0 > r1) continue;
         for (int pw = 0; pw < PW; ++pw) {
-          if (argmax[out0 + ph * PW + pw] == h * W + w) acc += to_acc(grad_output[out0 + ph * PW + pw]);
+          int w0, w1;
+          pool_bin_range(b.x0, b.bin_w, pw, W, &w0, &w1);
+          if (w1 <= c0 || w0 > c1) continue;
+          int a = argmax[out0 + ph * PW + pw];
+          if (a < 0) continue;
+          int ah = a / W, aw = a % W;
+          if (ah >= r0 && ah <= r1 && aw >= c0 && aw <= c1)
+            acc[(ah - r0) * ts + (aw - c0)] += to_acc(grad_output[out0 + ph * PW + pw]);
         }
       }
     }
-    grad_input[i] = acc;
+    A* out = grad_input + (img * C + c) * H * W;
+    for (int y = r0; y <= r1; ++y)
+      for (int x = c0; x <= c1; ++x) out[(long long)y * W + x] = acc[(y - r0) * ts + (x - c0)];
   }
 }
 
-#define ROI_POOL_ENTRY_POINTS(SUFFIX, T, A)                                                                          \
-  extern "C" __global__ void roi_pool_forward_##SUFFIX(long n, const T* input, const A* rois, int C, int H, int W,   \
-                                                       int PH, int PW, A scale, T* output) {                         \
-    roi_pool_forward<T, A>(n, input, rois, C, H, W, PH, PW, scale, output);                                          \
-  }                                                                                                                  \
-  extern "C" __global__ void roi_pool_argmax_##SUFFIX(long n, const T* input, const A* rois, int C, int H, int W,    \
-                                                      int PH, int PW, A scale, int* argmax) {                        \
-    roi_pool_argmax<T, A>(n, input, rois, C, H, W, PH, PW, scale, argmax);                                           \
-  }                                                                                                                  \
-  extern "C" __global__ void roi_pool_backward_atomic_##SUFFIX(long n, const T* grad_output, const T* input,         \
-                                                               const A* rois, int C, int H, int W, int PH, int PW,   \
-                                                               A scale, A* grad_input) {                             \
-    roi_pool_backward_atomic<T, A>(n, grad_output, input, rois, C, H, W, PH, PW, scale, grad_input);                 \
-  }                                                                                                                  \
-  extern "C" __global__ void roi_pool_ranges_##SUFFIX(long n, const A* rois, int H, int W, int PH, int PW, A scale,  \
-                                                      int* ranges) {                                                 \
-    roi_pool_ranges<A>(n, rois, H, W, PH, PW, scale, ranges);                                                        \
-  }                                                                                                                  \
-  extern "C" __global__ void roi_pool_backward_gather_##SUFFIX(long n, const T* grad_output, const A* rois,          \
-                                                               const int* ranges, const int* argmax, int K, int C,   \
-                                                               int H, int W, int PH, int PW, A scale,                \
-                                                               A* grad_input) {                                      \
-    roi_pool_backward_gather<T, A>(n, grad_output, rois, ranges, argmax, K, C, H, W, PH, PW, scale, grad_input);     \
+#define ROI_POOL_ENTRY_POINTS(SUFFIX, T, A)                                                                           \
+  extern "C" __global__ void roi_pool_forward_##SUFFIX(long long n, const T* __restrict__ input,                      \
+                                                       const A* __restrict__ rois, int N, int C, int H, int W,        \
+                                                       int PH, int PW, A scale, T* __restrict__ output) {             \
+    roi_pool_forward<T, A>(n, input, rois, N, C, H, W, PH, PW, scale, output);                                        \
+  }                                                                                                                   \
+  extern "C" __global__ void roi_pool_argmax_##SUFFIX(long long n, const T* __restrict__ input,                       \
+                                                      const A* __restrict__ rois, int N, int C, int H, int W, int PH, \
+                                                      int PW, A scale, int* __restrict__ argmax) {                    \
+    roi_pool_argmax<T, A>(n, input, rois, N, C, H, W, PH, PW, scale, argmax);                                         \
+  }                                                                                                                   \
+  extern "C" __global__ void roi_pool_backward_atomic_##SUFFIX(                                                       \
+      long long n, const T* __restrict__ grad_output, const T* __restrict__ input, const A* __restrict__ rois, int N, \
+      int C, int H, int W, int PH, int PW, A scale, A* __restrict__ grad_input) {                                     \
+    roi_pool_backward_atomic<T, A>(n, grad_output, input, rois, N, C, H, W, PH, PW, scale, grad_input);               \
+  }                                                                                                                   \
+  extern "C" __global__ void roi_pool_ranges_##SUFFIX(long long n, const A* __restrict__ rois, int N, int H, int W,   \
+                                                      int PH, int PW, A scale, int* __restrict__ ranges) {            \
+    roi_pool_ranges<A>(n, rois, N, H, W, PH, PW, scale, ranges);                                                      \
+  }                                                                                                                   \
+  extern "C" __global__ void roi_pool_backward_tiles_##SUFFIX(                                                        \
+      long long n, const T* __restrict__ grad_output, const A* __restrict__ rois, const int* __restrict__ lists,      \
+      const int* __restrict__ cumsum, const int* __restrict__ argmax, int K, int N, int C, int H, int W, int PH,      \
+      int PW, A scale, int ts, int TY, int TX, A* __restrict__ grad_input) {                                          \
+    roi_pool_backward_tiles<T, A>(n, grad_output, rois, lists, cumsum, argmax, K, N, C, H, W, PH, PW, scale, ts, TY,  \
+                                  TX, grad_input);                                                                    \
   }
 
 ROI_POOL_ENTRY_POINTS(f16, __half, float)

@@ -18,6 +18,7 @@
 // Where one box's samples are.
 template <class A>
 struct SampleGrid {
+  bool valid;           // the roi row passed roi_is_valid; an invalid box has no samples
   int batch;            // image index
   A y0, x0;             // box start in feature-map pixels
   A bin_h, bin_w;       // bin size
@@ -29,10 +30,16 @@ struct SampleGrid {
 // The grid on box [x1, x2] x [y1, y2] (feature-map pixels). raise_to_one is
 // torchvision's max(roi_size, 1), applied only when aligned=False.
 template <class A>
-__device__ SampleGrid<A> sample_grid(int batch, A x1, A y1, A x2, A y2, int PH, int PW,
+__device__ SampleGrid<A> sample_grid(bool valid, int batch, A x1, A y1, A x2, A y2, int PH, int PW,
                                      int sampling_ratio, bool raise_to_one) {
   SampleGrid<A> g;
-  g.batch = batch;
+  g.valid = valid;
+  g.batch = valid ? batch : 0;
+  g.y0 = g.x0 = g.bin_h = g.bin_w = 0;
+  g.gh = g.gw = 0;
+  g.count = 1;
+  g.unit_h = g.unit_w = false;
+  if (!valid) return g;
   g.y0 = y1;
   g.x0 = x1;
   A roi_h = y2 - y1;
@@ -90,18 +97,9 @@ __device__ __forceinline__ Tap<A> make_tap(A c, int size) {
   return t;
 }
 
-// How much pixel p weighs in this tap (both weights when lo == hi).
-template <class A>
-__device__ __forceinline__ A tap_weight(const Tap<A>& t, int p) {
-  A w = 0;
-  if (t.lo == p) w += t.wlo;
-  if (t.hi == p) w += t.whi;
-  return w;
-}
-
 // Bilinear value of one (H, W) plane at the sample (ty, tx).
 template <class T, class A>
-__device__ __forceinline__ A interpolate(const T* plane, int W, const Tap<A>& ty, const Tap<A>& tx) {
+__device__ __forceinline__ A interpolate(const T* __restrict__ plane, int W, const Tap<A>& ty, const Tap<A>& tx) {
   if (!(ty.inside && tx.inside)) return 0;
   A w1 = ty.wlo * tx.wlo, w2 = ty.wlo * tx.whi, w3 = ty.whi * tx.wlo, w4 = ty.whi * tx.whi;
   return w1 * to_acc(plane[ty.lo * W + tx.lo]) + w2 * to_acc(plane[ty.lo * W + tx.hi]) +
@@ -120,7 +118,7 @@ __device__ __forceinline__ Tap<A> tap_x(const SampleGrid<A>& g, int pw, int ix, 
 
 // Mean of the samples of bin (ph, pw).
 template <class T, class A>
-__device__ A bin_average(const T* plane, int H, int W, const SampleGrid<A>& g, int ph, int pw) {
+__device__ A bin_average(const T* __restrict__ plane, int H, int W, const SampleGrid<A>& g, int ph, int pw) {
   A sum = 0;
   for (int iy = 0; iy < g.gh; ++iy) {
     Tap<A> ty = tap_y(g, ph, iy, H);
@@ -133,7 +131,8 @@ __device__ A bin_average(const T* plane, int H, int W, const SampleGrid<A>& g, i
 // *winner = iy * gw + ix of the first largest in iy-major order, or -1 when the bin
 // has no samples, which outputs 0.
 template <class T, class A>
-__device__ A bin_max(const T* plane, int H, int W, const SampleGrid<A>& g, int ph, int pw, int* winner) {
+__device__ A bin_max(const T* __restrict__ plane, int H, int W, const SampleGrid<A>& g, int ph, int pw,
+                     int* winner) {
   A best = 0;
   *winner = -1;
   for (int iy = 0; iy < g.gh; ++iy) {
@@ -149,31 +148,53 @@ __device__ A bin_max(const T* plane, int H, int W, const SampleGrid<A>& g, int p
   return best;
 }
 
-// Forward: one work item per output element (k, c, ph, pw).
+// Output element i = ((k * C + c) * PH + ph) * PW + pw.
+struct OutIndex {
+  long long k;
+  int c, ph, pw;
+};
+
+__device__ __forceinline__ OutIndex out_index(long long i, int C, int PH, int PW) {
+  OutIndex o;
+  o.pw = (int)(i % PW);
+  o.ph = (int)(i / PW % PH);
+  o.c = (int)(i / PW / PH % C);
+  o.k = i / PW / PH / C;
+  return o;
+}
+
+// Forward: one work item per output element (k, c, ph, pw). Writes every element.
 template <class T, class A, class Box>
-__device__ void sampled_forward(long n, const T* input, const A* rois, int C, int H, int W, int PH, int PW,
-                                Box box, int sampling_ratio, int mode, T* output) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)blockDim.x * gridDim.x) {
-    int pw = (int)(i % PW), ph = (int)(i / PW % PH), c = (int)(i / PW / PH % C);
-    long k = i / PW / PH / C;
-    SampleGrid<A> g = box.grid(rois + 5 * k, PH, PW, sampling_ratio);
-    const T* plane = input + ((long)g.batch * C + c) * H * W;
+__device__ void sampled_forward(long long n, const T* __restrict__ input, const A* __restrict__ rois, int C, int H,
+                                int W, int PH, int PW, Box box, int sampling_ratio, int mode,
+                                T* __restrict__ output) {
+  ROILIB_FOR_EACH(i, n) {
+    OutIndex o = out_index(i, C, PH, PW);
+    SampleGrid<A> g = box.grid(rois + 5 * o.k, PH, PW, sampling_ratio);
+    if (!g.valid) {
+      store(output + i, nan_of(A()));
+      continue;
+    }
+    const T* plane = input + ((long long)g.batch * C + o.c) * H * W;
     int winner;
-    A v = mode == ROILIB_MAX ? bin_max(plane, H, W, g, ph, pw, &winner) : bin_average(plane, H, W, g, ph, pw);
+    A v = mode == ROILIB_MAX ? bin_max(plane, H, W, g, o.ph, o.pw, &winner) : bin_average(plane, H, W, g, o.ph, o.pw);
     store(output + i, v);
   }
 }
 
 // Max mode, first pass of the deterministic backward: the winning sample of every
-// output element, as bin_max reports it.
+// output element, as bin_max reports it (-1: none).
 template <class T, class A, class Box>
-__device__ void sampled_argmax(long n, const T* input, const A* rois, int C, int H, int W, int PH, int PW,
-                               Box box, int sampling_ratio, int* winner) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)blockDim.x * gridDim.x) {
-    int pw = (int)(i % PW), ph = (int)(i / PW % PH), c = (int)(i / PW / PH % C);
-    long k = i / PW / PH / C;
-    SampleGrid<A> g = box.grid(rois + 5 * k, PH, PW, sampling_ratio);
-    bin_max(input + ((long)g.batch * C + c) * H * W, H, W, g, ph, pw, winner + i);
+__device__ void sampled_argmax(long long n, const T* __restrict__ input, const A* __restrict__ rois, int C, int H,
+                               int W, int PH, int PW, Box box, int sampling_ratio, int* __restrict__ winner) {
+  ROILIB_FOR_EACH(i, n) {
+    OutIndex o = out_index(i, C, PH, PW);
+    SampleGrid<A> g = box.grid(rois + 5 * o.k, PH, PW, sampling_ratio);
+    if (!g.valid) {
+      winner[i] = -1;
+      continue;
+    }
+    bin_max(input + ((long long)g.batch * C + o.c) * H * W, H, W, g, o.ph, o.pw, winner + i);
   }
 }
 
@@ -192,25 +213,26 @@ __device__ __forceinline__ void scatter_sample(A* plane, int W, const Tap<A>& ty
 // Backward with atomics: one work item per output element scatters its gradient.
 // grad_input is in the arithmetic type A (float32 for float16 inputs) and must be zeroed.
 template <class T, class A, class Box>
-__device__ void sampled_backward_atomic(long n, const T* grad_output, const T* input, const A* rois, int C, int H,
-                                        int W, int PH, int PW, Box box, int sampling_ratio, int mode,
-                                        A* grad_input) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)blockDim.x * gridDim.x) {
-    int pw = (int)(i % PW), ph = (int)(i / PW % PH), c = (int)(i / PW / PH % C);
-    long k = i / PW / PH / C;
-    SampleGrid<A> g = box.grid(rois + 5 * k, PH, PW, sampling_ratio);
-    long plane_offset = ((long)g.batch * C + c) * H * W;
+__device__ void sampled_backward_atomic(long long n, const T* __restrict__ grad_output, const T* __restrict__ input,
+                                        const A* __restrict__ rois, int C, int H, int W, int PH, int PW, Box box,
+                                        int sampling_ratio, int mode, A* __restrict__ grad_input) {
+  ROILIB_FOR_EACH(i, n) {
+    OutIndex o = out_index(i, C, PH, PW);
+    SampleGrid<A> g = box.grid(rois + 5 * o.k, PH, PW, sampling_ratio);
+    if (!g.valid) continue;
+    long long plane_offset = ((long long)g.batch * C + o.c) * H * W;
     A go = to_acc(grad_output[i]);
     if (mode == ROILIB_MAX) {
       int s;
-      bin_max(input + plane_offset, H, W, g, ph, pw, &s);
+      bin_max(input + plane_offset, H, W, g, o.ph, o.pw, &s);
       if (s >= 0)
-        scatter_sample(grad_input + plane_offset, W, tap_y(g, ph, s / g.gw, H), tap_x(g, pw, s % g.gw, W), go, (A)1);
+        scatter_sample(grad_input + plane_offset, W, tap_y(g, o.ph, s / g.gw, H), tap_x(g, o.pw, s % g.gw, W), go,
+                       (A)1);
     } else {
       for (int iy = 0; iy < g.gh; ++iy) {
-        Tap<A> ty = tap_y(g, ph, iy, H);
+        Tap<A> ty = tap_y(g, o.ph, iy, H);
         for (int ix = 0; ix < g.gw; ++ix)
-          scatter_sample(grad_input + plane_offset, W, ty, tap_x(g, pw, ix, W), go, g.count);
+          scatter_sample(grad_input + plane_offset, W, ty, tap_x(g, o.pw, ix, W), go, g.count);
       }
     }
   }
@@ -234,64 +256,124 @@ __device__ void touched_span(A start, A bin, int g, int P, int size, int* lo, in
 
 // Deterministic backward, step 1: one work item per box writes
 // ranges[5k .. 5k+4] = {image, first row, last row, first column, last column} that
-// its samples touch, or image -1 when they touch nothing, so that step 2 can skip
-// boxes with a few integer compares.
+// its samples touch, or image -1 when they touch nothing (tiles.cu turns these into
+// per-tile box lists).
 template <class A, class Box>
-__device__ void sampled_ranges(long n, const A* rois, int H, int W, int PH, int PW, Box box, int sampling_ratio,
-                               int* ranges) {
-  for (long k = blockIdx.x * (long)blockDim.x + threadIdx.x; k < n; k += (long)blockDim.x * gridDim.x) {
+__device__ void sampled_ranges(long long n, const A* __restrict__ rois, int H, int W, int PH, int PW, Box box,
+                               int sampling_ratio, int* __restrict__ ranges) {
+  ROILIB_FOR_EACH(k, n) {
     SampleGrid<A> g = box.grid(rois + 5 * k, PH, PW, sampling_ratio);
     int* r = ranges + 5 * k;
     touched_span(g.y0, g.bin_h, g.gh, PH, H, r + 1, r + 2);
     touched_span(g.x0, g.bin_w, g.gw, PW, W, r + 3, r + 4);
-    r[0] = (r[1] <= r[2] && r[3] <= r[4]) ? g.batch : -1;
+    r[0] = (g.valid && r[1] <= r[2] && r[3] <= r[4]) ? g.batch : -1;
   }
 }
 
-// Deterministic backward, step 2: one work item per input element (b, c, h, w) gathers,
-// in a fixed order (boxes, then bins), every contribution that the atomic version
-// scatters to it. No floating-point atomics, so the sum is identical run to run.
+// Sample indices j = p * g + i (bin p, sample i) along one axis, [*lo, *hi], that
+// can reach pixels [r0, r1]: a superset, which the caller checks sample by sample
+// with the forward's own arithmetic. A sample at c reaches pixel r only if
+// c is in [r - 1, r + 1], and samples sit near start + (j + 1/2) * bin / g; the slack
+// covers the rounding of both (a few ulps of the largest coordinate, in steps).
+template <class A>
+__device__ void samples_near(A start, A bin, int g, int P, int r0, int r1, long long* lo, long long* hi) {
+  long long total = (long long)P * (long long)imax(g, 0);
+  *lo = 0;
+  *hi = total - 1;
+  if (total <= 0) return;
+  A step = bin / (A)g;
+  A mag = fabs(step);
+  if (!(mag > (A)0)) return;  // every sample in one place: keep them all
+  A reach = fabs(start) + fabs(bin) * (A)P + (A)imax(r1, -r1) + (A)2;
+  A slack = (A)8 * eps_of(A()) * reach / mag + (A)2;
+  if (!(slack < (A)total)) return;
+  A a = ((A)(r0 - 1) - start) / step - (A)0.5, b = ((A)(r1 + 1) - start) / step - (A)0.5;
+  if (a > b) {
+    A t = a;
+    a = b;
+    b = t;
+  }
+  A first = floor(a - slack), last = ceil(b + slack);
+  *lo = first <= (A)0 ? 0 : (first >= (A)total ? total : (long long)first);
+  *hi = last >= (A)(total - 1) ? total - 1 : (last < (A)0 ? -1 : (long long)last);
+}
+
+// Adds one sample's four corner weights to a tile's accumulator, keeping the corners
+// inside the tile (rows r0.., columns c0.., ts wide) and using scatter_sample's
+// arithmetic and corner order, so each pixel receives the very terms, in the very
+// order, that the atomic backward adds on the CPU.
+template <class A>
+__device__ __forceinline__ void add_to_tile(A* acc, int ts, int r0, int r1, int c0, int c1, const Tap<A>& ty,
+                                            const Tap<A>& tx, A g, A count) {
+  if (!(ty.inside && tx.inside)) return;
+  bool lo_row = ty.lo >= r0 && ty.lo <= r1, hi_row = ty.hi >= r0 && ty.hi <= r1;
+  bool lo_col = tx.lo >= c0 && tx.lo <= c1, hi_col = tx.hi >= c0 && tx.hi <= c1;
+  if (lo_row && lo_col) acc[(ty.lo - r0) * ts + (tx.lo - c0)] += g * (ty.wlo * tx.wlo) / count;
+  if (lo_row && hi_col) acc[(ty.lo - r0) * ts + (tx.hi - c0)] += g * (ty.wlo * tx.whi) / count;
+  if (hi_row && lo_col) acc[(ty.hi - r0) * ts + (tx.lo - c0)] += g * (ty.whi * tx.wlo) / count;
+  if (hi_row && hi_col) acc[(ty.hi - r0) * ts + (tx.hi - c0)] += g * (ty.whi * tx.whi) / count;
+}
+
+// Deterministic backward, step 3 (after tiles.cu has listed, per tile, the boxes whose
+// ranges meet it, in box order): one work item per (image b, channel c, tile) sums
+// into a private ts x ts accumulator, box by box from its list and, within a box, bin
+// by bin and sample by sample, only the samples that can reach the tile
+// (samples_near). No atomics and a fixed order: bitwise identical run to run, and on
+// the CPU build equal to the atomic backward bit for bit. Every element of grad_input
+// is written (it needs no zeroing).
 //
-// avg: a sample's weight on pixel (h, w) is wy(h) * wx(w), so a bin's total weight is
-// (sum over its rows of wy) * (sum over its columns of wx): the loops stay separable.
-// max: only the winning sample of each bin (from sampled_argmax) counts.
-// grad_input is in A and is overwritten.
+// lists[t * K + j], j < counts(t) = cumsum[t * K + K - 1], are tile t's boxes.
 template <class T, class A, class Box>
-__device__ void sampled_backward_gather(long n, const T* grad_output, const A* rois, const int* ranges,
-                                        const int* winner, int K, int C, int H, int W, int PH, int PW, Box box,
-                                        int sampling_ratio, int mode, A* grad_input) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)blockDim.x * gridDim.x) {
-    int w = (int)(i % W), h = (int)(i / W % H), c = (int)(i / W / H % C);
-    int b = (int)(i / W / H / C);
-    A acc = 0;
-    for (int k = 0; k < K; ++k) {
-      const int* r = ranges + 5 * k;
-      if (r[0] != b || h < r[1] || h > r[2] || w < r[3] || w > r[4]) continue;
-      SampleGrid<A> g = box.grid(rois + 5 * (long)k, PH, PW, sampling_ratio);
-      long out0 = ((long)k * C + c) * PH * PW;
-      for (int ph = 0; ph < PH; ++ph) {
-        if (mode == ROILIB_MAX) {
-          for (int pw = 0; pw < PW; ++pw) {
-            int s = winner[out0 + ph * PW + pw];
+__device__ void sampled_backward_tiles(long long n, const T* __restrict__ grad_output, const A* __restrict__ rois,
+                                       const int* __restrict__ lists, const int* __restrict__ cumsum,
+                                       const int* __restrict__ winner, int K, int C, int H, int W, int PH, int PW,
+                                       Box box, int sampling_ratio, int mode, int ts, int TY, int TX,
+                                       A* __restrict__ grad_input) {
+  ROILIB_FOR_EACH(i, n) {
+    int tx = (int)(i % TX), ty = (int)(i / TX % TY), c = (int)(i / TX / TY % C);
+    long long b = i / TX / TY / C;
+    long long tile = (b * TY + ty) * TX + tx;
+    int r0 = ty * ts, c0 = tx * ts;
+    int r1 = imin(r0 + ts, H) - 1, c1 = imin(c0 + ts, W) - 1;
+    A acc[ROILIB_TILE * ROILIB_TILE];
+    for (int p = 0; p < ts * ts; ++p) acc[p] = 0;
+    int count = cumsum[tile * K + K - 1];
+    for (int j = 0; j < count; ++j) {
+      long long k = lists[tile * K + j];
+      SampleGrid<A> g = box.grid(rois + 5 * k, PH, PW, sampling_ratio);
+      long long ylo, yhi, xlo, xhi;
+      samples_near(g.y0, g.bin_h, g.gh, PH, r0, r1, &ylo, &yhi);
+      samples_near(g.x0, g.bin_w, g.gw, PW, c0, c1, &xlo, &xhi);
+      if (ylo > yhi || xlo > xhi) continue;
+      const T* go = grad_output + (k * C + c) * PH * PW;
+      int ph0 = (int)(ylo / g.gh), ph1 = (int)(yhi / g.gh), pw0 = (int)(xlo / g.gw), pw1 = (int)(xhi / g.gw);
+      for (int ph = ph0; ph <= ph1; ++ph) {
+        for (int pw = pw0; pw <= pw1; ++pw) {
+          A grad = to_acc(go[ph * PW + pw]);
+          if (mode == ROILIB_MAX) {
+            int s = winner[(k * C + c) * PH * PW + ph * PW + pw];
             if (s < 0) continue;
-            Tap<A> ty = tap_y(g, ph, s / g.gw, H), tx = tap_x(g, pw, s % g.gw, W);
-            if (!(ty.inside && tx.inside)) continue;
-            A wy = tap_weight(ty, h), wx = tap_weight(tx, w);
-            if (wy != (A)0 && wx != (A)0) acc += to_acc(grad_output[out0 + ph * PW + pw]) * (wy * wx);
+            add_to_tile(acc, ts, r0, r1, c0, c1, tap_y(g, ph, s / g.gw, H), tap_x(g, pw, s % g.gw, W), grad,
+                        (A)1);
+            continue;
           }
-        } else {
-          A wy = 0;
-          for (int iy = 0; iy < g.gh; ++iy) wy += tap_weight(tap_y(g, ph, iy, H), h);
-          if (wy == (A)0) continue;
-          for (int pw = 0; pw < PW; ++pw) {
-            A wx = 0;
-            for (int ix = 0; ix < g.gw; ++ix) wx += tap_weight(tap_x(g, pw, ix, W), w);
-            if (wx != (A)0) acc += to_acc(grad_output[out0 + ph * PW + pw]) * (wy * wx) / g.count;
+          int iy0 = (int)(ylo - (long long)ph * g.gh), iy1 = (int)(yhi - (long long)ph * g.gh);
+          int ix0 = (int)(xlo - (long long)pw * g.gw), ix1 = (int)(xhi - (long long)pw * g.gw);
+          for (int iy = imax(iy0, 0); iy <= imin(iy1, g.gh - 1); ++iy) {
+            Tap<A> tyap = tap_y(g, ph, iy, H);
+            if (!tyap.inside || tyap.hi < r0 || tyap.lo > r1) continue;
+            for (int ix = imax(ix0, 0); ix <= imin(ix1, g.gw - 1); ++ix) {
+              Tap<A> txap = tap_x(g, pw, ix, W);
+              if (!txap.inside) continue;
+              add_to_tile(acc, ts, r0, r1, c0, c1, tyap, txap, grad, g.count);
+            }
           }
         }
       }
     }
-    grad_input[i] = acc;
+    A* out = grad_input + ((long long)b * C + c) * H * W;
+    for (int y = r0; y <= r1; ++y)
+      for (int x = c0; x <= c1; ++x) out[(long long)y * W + x] = acc[(y - r0) * ts + (x - c0)];
   }
 }
 

@@ -14,11 +14,11 @@ __device__ __forceinline__ void spp_bin(int i, int L, int size, int* lo, int* hi
 
 // Forward: one work item per cell (b, c, i, j) of this level.
 template <class T, class A>
-__device__ void spp_forward(long n, const T* input, int C, int H, int W, int L, int offset, int stride, int mode,
-                            T* output) {
-  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)blockDim.x * gridDim.x) {
+__device__ void spp_forward(long long n, const T* __restrict__ input, int C, int H, int W, int L, int offset, int stride, int mode,
+                            T* __restrict__ output) {
+  ROILIB_FOR_EACH(t, n) {
     int j = (int)(t % L), i = (int)(t / L % L), c = (int)(t / L / L % C);
-    long b = t / L / L / C;
+    long long b = t / L / L / C;
     int h0, h1, w0, w1;
     spp_bin(i, L, H, &h0, &h1);
     spp_bin(j, L, W, &w0, &w1);
@@ -39,10 +39,10 @@ __device__ void spp_forward(long n, const T* input, int C, int H, int W, int L, 
 // Max mode, first pass of the deterministic backward: argmax (h * W + w) of every cell,
 // stored as (N, C, L, L).
 template <class T, class A>
-__device__ void spp_argmax(long n, const T* input, int H, int W, int L, int* argmax) {
-  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)blockDim.x * gridDim.x) {
+__device__ void spp_argmax(long long n, const T* __restrict__ input, int H, int W, int L, int* __restrict__ argmax) {
+  ROILIB_FOR_EACH(t, n) {
     int j = (int)(t % L), i = (int)(t / L % L);
-    long plane = t / L / L;  // b * C + c
+    long long plane = t / L / L;  // b * C + c
     int h0, h1, w0, w1;
     spp_bin(i, L, H, &h0, &h1);
     spp_bin(j, L, W, &w0, &w1);
@@ -53,15 +53,15 @@ __device__ void spp_argmax(long n, const T* input, int H, int W, int L, int* arg
 // Backward with atomics (bins of one level can overlap): one work item per cell.
 // grad_input is in A and must be zeroed before the first level.
 template <class T, class A>
-__device__ void spp_backward_atomic(long n, const T* grad_output, const T* input, int C, int H, int W, int L,
-                                    int offset, int stride, int mode, A* grad_input) {
-  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)blockDim.x * gridDim.x) {
+__device__ void spp_backward_atomic(long long n, const T* __restrict__ grad_output, const T* __restrict__ input, int C, int H, int W, int L,
+                                    int offset, int stride, int mode, A* __restrict__ grad_input) {
+  ROILIB_FOR_EACH(t, n) {
     int j = (int)(t % L), i = (int)(t / L % L), c = (int)(t / L / L % C);
-    long b = t / L / L / C;
+    long long b = t / L / L / C;
     int h0, h1, w0, w1;
     spp_bin(i, L, H, &h0, &h1);
     spp_bin(j, L, W, &w0, &w1);
-    long plane = (b * C + c) * H * W;
+    long long plane = (b * C + c) * H * W;
     A g = to_acc(grad_output[b * stride + offset + (c * L + i) * L + j]);
     if (mode == ROILIB_MAX) {
       int arg;
@@ -79,17 +79,19 @@ __device__ void spp_backward_atomic(long n, const T* grad_output, const T* input
 // adds the gradients of the cells that contain it (max: only where it is the argmax)
 // to grad_input, which holds the previous levels' sum (zero before the first).
 template <class T, class A>
-__device__ void spp_backward_gather(long n, const T* grad_output, const int* argmax, int C, int H, int W, int L,
-                                    int offset, int stride, int mode, A* grad_input) {
-  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)blockDim.x * gridDim.x) {
+__device__ void spp_backward_gather(long long n, const T* __restrict__ grad_output, const int* __restrict__ argmax, int C, int H, int W, int L,
+                                    int offset, int stride, int mode, A* __restrict__ grad_input) {
+  ROILIB_FOR_EACH(t, n) {
     int w = (int)(t % W), h = (int)(t / W % H), c = (int)(t / W / H % C);
-    long b = t / W / H / C;
+    long long b = t / W / H / C;
     A acc = grad_input[t];
-    for (int i = 0; i < L; ++i) {
+    // Only bins near h * L / H can hold pixel h (bins overlap by at most one pixel,
+    // or are narrower than one when L > H).
+    for (int i = imax(h * L / H - L / H - 1, 0); i <= imin(h * L / H + L / H + 1, L - 1); ++i) {
       int h0, h1;
       spp_bin(i, L, H, &h0, &h1);
       if (h < h0 || h >= h1) continue;
-      for (int j = 0; j < L; ++j) {
+      for (int j = imax(w * L / W - L / W - 1, 0); j <= imin(w * L / W + L / W + 1, L - 1); ++j) {
         int w0, w1;
         spp_bin(j, L, W, &w0, &w1);
         if (w < w0 || w >= w1) continue;
@@ -106,21 +108,21 @@ __device__ void spp_backward_gather(long n, const T* grad_output, const int* arg
 }
 
 #define SPP_ENTRY_POINTS(SUFFIX, T, A)                                                                               \
-  extern "C" __global__ void spp_forward_##SUFFIX(long n, const T* input, int C, int H, int W, int L, int offset,    \
-                                                  int stride, int mode, T* output) {                                 \
+  extern "C" __global__ void spp_forward_##SUFFIX(long long n, const T* __restrict__ input, int C, int H, int W, int L, int offset,    \
+                                                  int stride, int mode, T* __restrict__ output) {                                 \
     spp_forward<T, A>(n, input, C, H, W, L, offset, stride, mode, output);                                           \
   }                                                                                                                  \
-  extern "C" __global__ void spp_argmax_##SUFFIX(long n, const T* input, int H, int W, int L, int* argmax) {         \
+  extern "C" __global__ void spp_argmax_##SUFFIX(long long n, const T* __restrict__ input, int H, int W, int L, int* __restrict__ argmax) {         \
     spp_argmax<T, A>(n, input, H, W, L, argmax);                                                                     \
   }                                                                                                                  \
-  extern "C" __global__ void spp_backward_atomic_##SUFFIX(long n, const T* grad_output, const T* input, int C,      \
+  extern "C" __global__ void spp_backward_atomic_##SUFFIX(long long n, const T* __restrict__ grad_output, const T* __restrict__ input, int C,      \
                                                           int H, int W, int L, int offset, int stride, int mode,     \
-                                                          A* grad_input) {                                           \
+                                                          A* __restrict__ grad_input) {                                           \
     spp_backward_atomic<T, A>(n, grad_output, input, C, H, W, L, offset, stride, mode, grad_input);                  \
   }                                                                                                                  \
-  extern "C" __global__ void spp_backward_gather_##SUFFIX(long n, const T* grad_output, const int* argmax, int C,    \
+  extern "C" __global__ void spp_backward_gather_##SUFFIX(long long n, const T* __restrict__ grad_output, const int* __restrict__ argmax, int C,    \
                                                           int H, int W, int L, int offset, int stride, int mode,     \
-                                                          A* grad_input) {                                           \
+                                                          A* __restrict__ grad_input) {                                           \
     spp_backward_gather<T, A>(n, grad_output, argmax, C, H, W, L, offset, stride, mode, grad_input);                 \
   }
 
