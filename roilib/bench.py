@@ -200,6 +200,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (best is reported)")
     parser.add_argument("--threads", type=int, default=1, help="threads for NumPy's BLAS and torch")
+    parser.add_argument(
+        "--determinism", action="store_true",
+        help="time the kernels' deterministic backward against the atomic one (CPU build)",
+    )
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "CASE", "BACKWARD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -210,6 +214,10 @@ def main(argv=None) -> int:
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         print(json.dumps(_worker(impl, int(case), bool(int(backward)), args.repeat)))
         return 0
+    if args.determinism:
+        from .cuda import bench_determinism
+
+        return bench_determinism.main(args.repeat)
     if args.device == "cuda":
         from .cuda import bench_gpu
 

@@ -464,18 +464,16 @@ class KernelOps:
         n, c, h, w = x.shape
         plan, width = self._spp_levels(levels, c)
         g = self._grad(grad_output, (n, width), x)
-        grad = self._zeros_acc(x.shape, x.dtype)
-        for level, offset in plan:
-            cells = n * c * level * level
-            if not deterministic:
-                self._run(
-                    "spp", "backward_atomic", x.dtype, cells, g, x, *_ints(c, h, w, level, offset, width, m), grad
-                )
-                continue
-            argmax = self._alloc((cells if m == _MODE["max"] else 1,), np.int32)
-            if m == _MODE["max"]:
-                self._run("spp", "argmax", x.dtype, cells, x, *_ints(h, w, level), argmax)
+        if not deterministic:
+            grad = self._zeros_acc(x.shape, x.dtype)
+            for level, offset in plan:
+                cells = n * c * level * level
+                self._run("spp", "backward_atomic", x.dtype, cells, g, x, *_ints(c, h, w, level, offset, width, m), grad)
+            return self._cast(grad, x.dtype)
+        grad = self._alloc(x.shape, v.compute_dtype(x.dtype))  # the first level zeroes each plane
+        for index, (level, offset) in enumerate(plan):
             self._run(
-                "spp", "backward_gather", x.dtype, grad.size, g, argmax, *_ints(c, h, w, level, offset, width, m), grad
-            )
+                "spp", "backward_planes", x.dtype, n * c,
+                g, x, *_ints(c, h, w, level, offset, width, m, index == 0), grad,
+            )  # fmt: skip
         return self._cast(grad, x.dtype)

@@ -27,6 +27,15 @@
 #define ROILIB_TILE 16
 #endif
 
+// Taps (sample positions along x) a tile's backward keeps per box; more are recomputed.
+#ifndef ROILIB_TAP_CACHE
+#ifdef __CUDACC__
+#define ROILIB_TAP_CACHE 32
+#else
+#define ROILIB_TAP_CACHE 64
+#endif
+#endif
+
 // mode argument of the pooling kernels
 #define ROILIB_AVG 0
 #define ROILIB_MAX 1

@@ -285,7 +285,7 @@ __device__ void samples_near(A start, A bin, int g, int P, int r0, int r1, long 
   A mag = fabs(step);
   if (!(mag > (A)0)) return;  // every sample in one place: keep them all
   A reach = fabs(start) + fabs(bin) * (A)P + (A)imax(r1, -r1) + (A)2;
-  A slack = (A)8 * eps_of(A()) * reach / mag + (A)2;
+  A slack = (A)8 * eps_of(A()) * reach / mag + (A)1;
   if (!(slack < (A)total)) return;
   A a = ((A)(r0 - 1) - start) / step - (A)0.5, b = ((A)(r1 + 1) - start) / step - (A)0.5;
   if (a > b) {
@@ -347,6 +347,12 @@ __device__ void sampled_backward_tiles(long long n, const T* __restrict__ grad_o
       if (ylo > yhi || xlo > xhi) continue;
       const T* go = grad_output + (k * C + c) * PH * PW;
       int ph0 = (int)(ylo / g.gh), ph1 = (int)(yhi / g.gh), pw0 = (int)(xlo / g.gw), pw1 = (int)(xhi / g.gw);
+      // The x taps of the candidate columns serve every row of samples: compute them once
+      // when they fit (they are what the atomic version recomputes per sample).
+      Tap<A> xtaps[ROILIB_TAP_CACHE];
+      bool cached = mode != ROILIB_MAX && xhi - xlo < ROILIB_TAP_CACHE;
+      if (cached)
+        for (long long jx = xlo; jx <= xhi; ++jx) xtaps[jx - xlo] = tap_x(g, (int)(jx / g.gw), (int)(jx % g.gw), W);
       for (int ph = ph0; ph <= ph1; ++ph) {
         for (int pw = pw0; pw <= pw1; ++pw) {
           A grad = to_acc(go[ph * PW + pw]);
@@ -358,13 +364,13 @@ __device__ void sampled_backward_tiles(long long n, const T* __restrict__ grad_o
             continue;
           }
           int iy0 = (int)(ylo - (long long)ph * g.gh), iy1 = (int)(yhi - (long long)ph * g.gh);
-          int ix0 = (int)(xlo - (long long)pw * g.gw), ix1 = (int)(xhi - (long long)pw * g.gw);
+          long long jx0 = (long long)pw * g.gw;
+          int ix0 = imax((int)(xlo - jx0), 0), ix1 = imin((int)(xhi - jx0), g.gw - 1);
           for (int iy = imax(iy0, 0); iy <= imin(iy1, g.gh - 1); ++iy) {
             Tap<A> tyap = tap_y(g, ph, iy, H);
             if (!tyap.inside || tyap.hi < r0 || tyap.lo > r1) continue;
-            for (int ix = imax(ix0, 0); ix <= imin(ix1, g.gw - 1); ++ix) {
-              Tap<A> txap = tap_x(g, pw, ix, W);
-              if (!txap.inside) continue;
+            for (int ix = ix0; ix <= ix1; ++ix) {
+              Tap<A> txap = cached ? xtaps[jx0 + ix - xlo] : tap_x(g, pw, ix, W);
               add_to_tile(acc, ts, r0, r1, c0, c1, tyap, txap, grad, g.count);
             }
           }

@@ -3,8 +3,8 @@
 // The host launches each kernel once per pyramid level L; level L splits an axis of
 // length a into bins [floor(i*a/L), ceil((i+1)*a/L)) (exact integer arithmetic) and
 // writes its N x (C*L*L) cells at column `offset` of the (N, stride) output, channel
-// major. Launches on one stream run in order, so the gather backward can accumulate
-// level after level into the same buffer without atomics.
+// major. Launches on one stream run in order, so the deterministic backward can
+// accumulate level after level into the same buffer without atomics.
 #include "common.cuh"
 
 __device__ __forceinline__ void spp_bin(int i, int L, int size, int* lo, int* hi) {
@@ -36,20 +36,6 @@ __device__ void spp_forward(long long n, const T* __restrict__ input, int C, int
   }
 }
 
-// Max mode, first pass of the deterministic backward: argmax (h * W + w) of every cell,
-// stored as (N, C, L, L).
-template <class T, class A>
-__device__ void spp_argmax(long long n, const T* __restrict__ input, int H, int W, int L, int* __restrict__ argmax) {
-  ROILIB_FOR_EACH(t, n) {
-    int j = (int)(t % L), i = (int)(t / L % L);
-    long long plane = t / L / L;  // b * C + c
-    int h0, h1, w0, w1;
-    spp_bin(i, L, H, &h0, &h1);
-    spp_bin(j, L, W, &w0, &w1);
-    window_max<T, A>(input + plane * H * W, W, h0, h1, w0, w1, argmax + t);
-  }
-}
-
 // Backward with atomics (bins of one level can overlap): one work item per cell.
 // grad_input is in A and must be zeroed before the first level.
 template <class T, class A>
@@ -75,35 +61,43 @@ __device__ void spp_backward_atomic(long long n, const T* __restrict__ grad_outp
   }
 }
 
-// Deterministic backward for one level: one work item per input element (b, c, h, w)
-// adds the gradients of the cells that contain it (max: only where it is the argmax)
-// to grad_input, which holds the previous levels' sum (zero before the first).
+// Deterministic backward for one level: one work item per plane (b, c) adds, cell by
+// cell, each cell's gradient (max: at its argmax; avg: spread over its window) to its
+// plane of grad_input, which it zeroes first when `first` is set. A plane belongs to
+// one work item, so no atomics are needed; levels are launched in order on one
+// stream, so the additions come in a fixed order: the order in which the atomic
+// version adds them on the CPU, so the two agree bit for bit there.
 template <class T, class A>
-__device__ void spp_backward_gather(long long n, const T* __restrict__ grad_output, const int* __restrict__ argmax, int C, int H, int W, int L,
-                                    int offset, int stride, int mode, A* __restrict__ grad_input) {
+__device__ void spp_backward_planes(long long n, const T* __restrict__ grad_output, const T* __restrict__ input,
+                                    int C, int H, int W, int L, int offset, int stride, int mode, int first,
+                                    A* __restrict__ grad_input) {
   ROILIB_FOR_EACH(t, n) {
-    int w = (int)(t % W), h = (int)(t / W % H), c = (int)(t / W / H % C);
-    long long b = t / W / H / C;
-    A acc = grad_input[t];
-    // Only bins near h * L / H can hold pixel h (bins overlap by at most one pixel,
-    // or are narrower than one when L > H).
-    for (int i = imax(h * L / H - L / H - 1, 0); i <= imin(h * L / H + L / H + 1, L - 1); ++i) {
-      int h0, h1;
-      spp_bin(i, L, H, &h0, &h1);
-      if (h < h0 || h >= h1) continue;
-      for (int j = imax(w * L / W - L / W - 1, 0); j <= imin(w * L / W + L / W + 1, L - 1); ++j) {
-        int w0, w1;
-        spp_bin(j, L, W, &w0, &w1);
-        if (w < w0 || w >= w1) continue;
-        A g = to_acc(grad_output[b * stride + offset + (c * L + i) * L + j]);
-        if (mode == ROILIB_MAX) {
-          if (argmax[((b * C + c) * L + i) * L + j] == h * W + w) acc += g;
-        } else {
-          acc += g / (A)((h1 - h0) * (w1 - w0));
+    int c = (int)(t % C);
+    long long b = t / C;
+    A* plane = grad_input + t * H * W;
+    const T* x = input + t * H * W;
+    if (first)
+      for (long long p = 0; p < (long long)H * W; ++p) plane[p] = 0;
+    {
+      for (int i = 0; i < L; ++i) {
+        int h0, h1;
+        spp_bin(i, L, H, &h0, &h1);
+        for (int j = 0; j < L; ++j) {
+          int w0, w1;
+          spp_bin(j, L, W, &w0, &w1);
+          A g = to_acc(grad_output[b * stride + offset + (c * L + i) * L + j]);
+          if (mode == ROILIB_MAX) {
+            int arg;
+            window_max<T, A>(x, W, h0, h1, w0, w1, &arg);
+            plane[arg] += g;
+          } else {
+            g = g / (A)((h1 - h0) * (w1 - w0));
+            for (int h = h0; h < h1; ++h)
+              for (int w = w0; w < w1; ++w) plane[h * W + w] += g;
+          }
         }
       }
     }
-    grad_input[t] = acc;
   }
 }
 
@@ -112,18 +106,15 @@ __device__ void spp_backward_gather(long long n, const T* __restrict__ grad_outp
                                                   int stride, int mode, T* __restrict__ output) {                                 \
     spp_forward<T, A>(n, input, C, H, W, L, offset, stride, mode, output);                                           \
   }                                                                                                                  \
-  extern "C" __global__ void spp_argmax_##SUFFIX(long long n, const T* __restrict__ input, int H, int W, int L, int* __restrict__ argmax) {         \
-    spp_argmax<T, A>(n, input, H, W, L, argmax);                                                                     \
-  }                                                                                                                  \
   extern "C" __global__ void spp_backward_atomic_##SUFFIX(long long n, const T* __restrict__ grad_output, const T* __restrict__ input, int C,      \
                                                           int H, int W, int L, int offset, int stride, int mode,     \
                                                           A* __restrict__ grad_input) {                                           \
     spp_backward_atomic<T, A>(n, grad_output, input, C, H, W, L, offset, stride, mode, grad_input);                  \
   }                                                                                                                  \
-  extern "C" __global__ void spp_backward_gather_##SUFFIX(long long n, const T* __restrict__ grad_output, const int* __restrict__ argmax, int C,    \
-                                                          int H, int W, int L, int offset, int stride, int mode,     \
-                                                          A* __restrict__ grad_input) {                                           \
-    spp_backward_gather<T, A>(n, grad_output, argmax, C, H, W, L, offset, stride, mode, grad_input);                 \
+  extern "C" __global__ void spp_backward_planes_##SUFFIX(                                                            \
+      long long n, const T* __restrict__ grad_output, const T* __restrict__ input, int C, int H, int W, int L,        \
+      int offset, int stride, int mode, int first, A* __restrict__ grad_input) {                                      \
+    spp_backward_planes<T, A>(n, grad_output, input, C, H, W, L, offset, stride, mode, first, grad_input);            \
   }
 
 SPP_ENTRY_POINTS(f16, __half, float)
