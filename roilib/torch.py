@@ -10,13 +10,21 @@ stream. Each op is registered with ``torch.library.custom_op`` (namespace ``roil
 with a fake implementation for shape propagation and a registered backward, so it works
 in eager mode, under ``torch.autograd.gradcheck`` and inside ``torch.compile`` graphs.
 
-On CUDA the input gradient uses the kernels' deterministic backward unless
-``torch.use_deterministic_algorithms`` is off *and* ``roilib.torch.DETERMINISTIC`` is
-set to ``False``.
+On CUDA, each op runs on its tensors' own device and torch's current stream there,
+with no host synchronisation (box values are checked by the kernels, which output NaN
+for a bad row), and every tensor it returns (and every scratch buffer) comes from
+torch's caching allocator. The input gradient uses the kernels' deterministic
+backward when ``torch.are_deterministic_algorithms_enabled()`` (or when
+``roilib.torch.DETERMINISTIC`` is set to ``True``; ``False`` forces the atomic one).
+
+float16 and bfloat16 inputs compute in float32, with float32 boxes. Under
+``torch.autocast`` (CPU or CUDA) the ops behave as torchvision's: they compute in
+float32 and return the input's dtype.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+import contextlib
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,21 +34,33 @@ from . import reference
 
 __all__ = ["roi_align", "roi_pool", "roi_warp", "spp", "RoIAlign", "RoIPool", "RoIWarp", "SPP", "DETERMINISTIC"]
 
-#: use the deterministic (atomic-free) CUDA backward
-DETERMINISTIC = True
+#: CUDA input gradients: ``None`` follows ``torch.are_deterministic_algorithms_enabled()``
+#: (as torchvision does); ``True``/``False`` force the deterministic/atomic backward
+DETERMINISTIC: Optional[bool] = None
 
 BoxesLike = Union[Tensor, Sequence[Tensor]]
 
 
 # ----------------------------------------------------------------------------- backends
 
+_NUMPY_TO_TORCH = {
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.uint8): torch.uint8,
+}
+#: dtypes the kernels read directly; others (bfloat16) are computed in float32
+_NATIVE = (torch.float16, torch.float32, torch.float64)
 
-def _backend(t: Tensor):
-    if t.is_cuda:
-        from .cuda import gpu
 
-        return gpu
-    return reference
+def _box_dtype(input: Tensor) -> torch.dtype:
+    """Boxes stay float32 for half-precision inputs: float16 steps by 1 px past 1024."""
+    return input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled() if DETERMINISTIC is None else bool(DETERMINISTIC)
 
 
 def _to_array(t: Tensor):
@@ -53,26 +73,76 @@ def _to_array(t: Tensor):
     return t.numpy()
 
 
-def _to_tensor(a, like: Tensor) -> Tensor:
-    if isinstance(a, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(like.device)
-    return torch.from_dlpack(a)
+class _TorchBuffers:
+    """Buffers for the kernels' host code, allocated by torch on one device.
+
+    ``alloc`` is given to ``roilib.cuda._host.use_allocator``: it makes a tensor with
+    ``torch.empty`` and hands CuPy a view of it. ``tensor_of`` finds the tensor behind
+    the array an op returns, so the caller gets torch's own tensor back. ``cupy_malloc``
+    serves CuPy's internal temporaries (a prefix sum's scratch) from torch too, so
+    nothing in an op touches CuPy's memory pool.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.made: Dict[Tuple[int, tuple, str], Tensor] = {}
+
+    def alloc(self, shape, dtype):
+        import cupy
+
+        t = torch.empty(shape, dtype=_NUMPY_TO_TORCH[np.dtype(dtype)], device=self.device)
+        a = cupy.from_dlpack(t)
+        self.made[(a.data.ptr, a.shape, a.dtype.str)] = t
+        return a
+
+    def cupy_malloc(self, size: int):
+        import cupy
+
+        t = torch.empty(max(int(size), 1), dtype=torch.uint8, device=self.device)
+        memory = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel(), t, self.device.index)
+        return cupy.cuda.MemoryPointer(memory, 0)
+
+    def tensor_of(self, a) -> Tensor:
+        t = self.made.get((a.data.ptr, a.shape, a.dtype.str))
+        return t if t is not None else torch.from_dlpack(a)
+
+
+def _run_cuda(name: str, arrays, args, kwargs, device: torch.device):
+    """Run op ``name`` of the CuPy backend on ``device`` and torch's current stream there."""
+    import cupy
+
+    from .cuda import _host, gpu
+
+    buffers = _TorchBuffers(device)
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(torch.cuda.device(device))
+        scope.enter_context(cupy.cuda.Device(device.index))
+        scope.enter_context(gpu.external_stream(torch.cuda.current_stream(device), device.index))
+        scope.enter_context(cupy.cuda.using_allocator(buffers.cupy_malloc))
+        scope.enter_context(_host.use_allocator(buffers.alloc))
+        result = getattr(gpu, name)(*arrays, *args, **kwargs)
+    return buffers.tensor_of(result)
 
 
 def _run(name: str, tensors: Tuple[Tensor, ...], *args) -> Tensor:
-    """Call op ``name`` of the tensors' backend (on torch's current CUDA stream)."""
-    first = tensors[0]
-    backend = _backend(first)
-    arrays = [_to_array(t) for t in tensors]
-    kwargs = {}
-    if not first.is_cuda:
-        return _to_tensor(getattr(backend, name)(*arrays, *args), first)
-    import cupy
+    """Call op ``name`` of the tensors' backend: NumPy on the CPU, the kernels on CUDA.
 
-    if name.endswith("backward") and name != "roi_align_rois_backward":
-        kwargs["deterministic"] = DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream(first.device).cuda_stream):
-        return _to_tensor(getattr(backend, name)(*arrays, *args, **kwargs), first)
+    Tensors the kernels cannot read (bfloat16) are computed in float32 and the result
+    is returned in their dtype.
+    """
+    first = tensors[0]
+    narrow = first.dtype if first.is_floating_point() and first.dtype not in _NATIVE else None
+    if narrow is not None:
+        tensors = tuple(t.float() if t.dtype == narrow else t for t in tensors)
+    arrays = [_to_array(t) for t in tensors]
+    if first.is_cuda:
+        kwargs = {}
+        if name.endswith("backward") and name != "roi_align_rois_backward":
+            kwargs["deterministic"] = _deterministic()
+        out = _run_cuda(name, arrays, args, kwargs, first.device)
+    else:
+        out = torch.from_numpy(np.ascontiguousarray(getattr(reference, name)(*arrays, *args)))
+    return out.to(narrow) if narrow is not None and out.is_floating_point() else out
 
 
 def _pair(output_size) -> List[int]:
@@ -101,7 +171,7 @@ def _as_rois(boxes: BoxesLike, input: Tensor) -> Tensor:
 
 @torch.library.custom_op("roilib::roi_align", mutates_args=())
 def _roi_align(input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
-    return _run("roi_align", (input, rois.to(input.dtype)), tuple(output_size), spatial_scale, sampling_ratio, aligned, mode)
+    return _run("roi_align", (input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio, aligned, mode)
 
 
 @_roi_align.register_fake
@@ -111,7 +181,7 @@ def _(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
 
 @torch.library.custom_op("roilib::roi_align_backward", mutates_args=())
 def _roi_align_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
-    return _run("roi_align_backward", (grad, input, rois.to(input.dtype)), tuple(output_size), spatial_scale, sampling_ratio, aligned, mode)
+    return _run("roi_align_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio, aligned, mode)
 
 
 @_roi_align_backward.register_fake
@@ -121,7 +191,7 @@ def _(grad, input, rois, output_size, spatial_scale, sampling_ratio, aligned, mo
 
 @torch.library.custom_op("roilib::roi_align_rois_backward", mutates_args=())
 def _roi_align_rois_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
-    out = _run("roi_align_rois_backward", (grad, input, rois.to(input.dtype)), tuple(output_size), spatial_scale, sampling_ratio, aligned, mode)
+    out = _run("roi_align_rois_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio, aligned, mode)
     return out.to(rois.dtype)
 
 
@@ -186,7 +256,7 @@ def roi_align(
 
 @torch.library.custom_op("roilib::roi_pool", mutates_args=())
 def _roi_pool(input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float) -> Tensor:
-    return _run("roi_pool", (input, rois.to(input.dtype)), tuple(output_size), spatial_scale)
+    return _run("roi_pool", (input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale)
 
 
 @_roi_pool.register_fake
@@ -196,7 +266,7 @@ def _(input, rois, output_size, spatial_scale):
 
 @torch.library.custom_op("roilib::roi_pool_backward", mutates_args=())
 def _roi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float) -> Tensor:
-    return _run("roi_pool_backward", (grad, input, rois.to(input.dtype)), tuple(output_size), spatial_scale)
+    return _run("roi_pool_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale)
 
 
 @_roi_pool_backward.register_fake
@@ -206,7 +276,7 @@ def _(grad, input, rois, output_size, spatial_scale):
 
 @torch.library.custom_op("roilib::roi_warp", mutates_args=())
 def _roi_warp(input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int, mode: str) -> Tensor:
-    return _run("roi_warp", (input, rois.to(input.dtype)), tuple(output_size), spatial_scale, sampling_ratio, mode)
+    return _run("roi_warp", (input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio, mode)
 
 
 @_roi_warp.register_fake
@@ -216,7 +286,7 @@ def _(input, rois, output_size, spatial_scale, sampling_ratio, mode):
 
 @torch.library.custom_op("roilib::roi_warp_backward", mutates_args=())
 def _roi_warp_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int, mode: str) -> Tensor:
-    return _run("roi_warp_backward", (grad, input, rois.to(input.dtype)), tuple(output_size), spatial_scale, sampling_ratio, mode)
+    return _run("roi_warp_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio, mode)
 
 
 @_roi_warp_backward.register_fake
@@ -293,6 +363,37 @@ def spp(input: Tensor, levels: Sequence[int] = (4, 2, 1), mode: str = "max") -> 
     Tensor, shape (N, C * sum(n * n for n in levels))
     """
     return _spp(input, [int(n) for n in levels], mode)
+
+
+# --------------------------------------------------------------------------- autocast
+
+_autocast_library = torch.library.Library("roilib", "IMPL")
+
+
+def _register_autocast(name: str) -> None:
+    """Give op ``roilib::<name>`` torchvision's autocast rule, on the CPU and on CUDA:
+    float16/bfloat16 tensor arguments are cast to float32, the op runs with autocast
+    off, and the output comes back in the input's dtype (float64 is left alone)."""
+    op = getattr(torch.ops.roilib, name)
+
+    def make_kernel(device_type: str):
+        def kernel(input, *args):
+            with torch.autocast(device_type, enabled=False):
+                cast = [
+                    a.float() if isinstance(a, Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a
+                    for a in (input, *args)
+                ]
+                out = op(*cast)
+            return out.to(input.dtype)
+
+        return kernel
+
+    for device_type in ("cpu", "cuda"):
+        _autocast_library.impl(name, make_kernel(device_type), "Autocast" + device_type.upper())
+
+
+for _name in ("roi_align", "roi_pool", "roi_warp", "spp"):
+    _register_autocast(_name)
 
 
 # ---------------------------------------------------------------------------- modules
