@@ -255,6 +255,7 @@ class KernelOps:
         x, r, ph, pw, box, m = self._align_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode)
         return self._sampled_forward("roi_align", x, r, ph, pw, box, m)
 
+    @_on_device
     def roi_align_backward(
         self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
         mode="avg", deterministic=False,
@@ -278,6 +279,7 @@ class KernelOps:
         x, r, ph, pw, box, m = self._align_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode)
         return self._sampled_backward("roi_align", grad_output, x, r, ph, pw, box, m, deterministic)
 
+    @_on_device
     def roi_align_rois_backward(
         self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg"
     ):
@@ -327,6 +329,7 @@ class KernelOps:
         x, r, ph, pw, box, m = self._warp_args(input, rois, output_size, spatial_scale, sampling_ratio, mode)
         return self._sampled_forward("roi_warp", x, r, ph, pw, box, m)
 
+    @_on_device
     def roi_warp_backward(
         self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=2, mode="max",
         deterministic=False,
