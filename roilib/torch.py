@@ -107,8 +107,13 @@ class _TorchBuffers:
         return t if t is not None else torch.from_dlpack(a)
 
 
-def _run_cuda(name: str, arrays, args, kwargs, device: torch.device):
-    """Run op ``name`` of the CuPy backend on ``device`` and torch's current stream there."""
+def _run_cuda(name: str, tensors, args, kwargs, device: torch.device):
+    """Run op ``name`` of the CuPy backend on ``device`` and torch's current stream there.
+
+    The DLPack exchanges happen inside the stream scope, so producer and consumer are the
+    same stream and torch inserts no cross-stream wait (which CUDA-graph capture forbids
+    against CuPy's default stream).
+    """
     import cupy
 
     from .cuda import _host, gpu
@@ -120,8 +125,8 @@ def _run_cuda(name: str, arrays, args, kwargs, device: torch.device):
         scope.enter_context(gpu.external_stream(torch.cuda.current_stream(device), device.index))
         scope.enter_context(cupy.cuda.using_allocator(buffers.cupy_malloc))
         scope.enter_context(_host.use_allocator(buffers.alloc))
-        result = getattr(gpu, name)(*arrays, *args, **kwargs)
-    return buffers.tensor_of(result)
+        arrays = [_to_array(t) for t in tensors]
+        return buffers.tensor_of(getattr(gpu, name)(*arrays, *args, **kwargs))
 
 
 def _run(name: str, tensors: Tuple[Tensor, ...], *args) -> Tensor:
@@ -134,13 +139,13 @@ def _run(name: str, tensors: Tuple[Tensor, ...], *args) -> Tensor:
     narrow = first.dtype if first.is_floating_point() and first.dtype not in _NATIVE else None
     if narrow is not None:
         tensors = tuple(t.float() if t.dtype == narrow else t for t in tensors)
-    arrays = [_to_array(t) for t in tensors]
     if first.is_cuda:
         kwargs = {}
         if name.endswith("backward") and name != "roi_align_rois_backward":
             kwargs["deterministic"] = _deterministic()
-        out = _run_cuda(name, arrays, args, kwargs, first.device)
+        out = _run_cuda(name, tensors, args, kwargs, first.device)
     else:
+        arrays = [_to_array(t) for t in tensors]
         out = torch.from_numpy(np.ascontiguousarray(getattr(reference, name)(*arrays, *args)))
     return out.to(narrow) if narrow is not None and out.is_floating_point() else out
 
