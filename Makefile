@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 LOCAL_WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: test book browser-check bench clean
+.PHONY: test book browser-check bench gpu-check clean
 
 $(VENV)/.test-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ browser-check: $(VENV)/.bookcheck-installed
 
 bench: $(VENV)/.test-installed
 	$(PY) -m roilib.bench
+
+# On a machine with an NVIDIA GPU whose Python already has torch, torchvision, CuPy,
+# pytest and hypothesis (nothing is installed; no network needed): the GPU tests, the
+# GPU benchmark and the CUDA chapter's cells, results in gpu-check-results.txt.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) tools/gpu_check.py --out gpu-check-results.txt
 
 clean:
 	rm -rf $(VENV) _build .pytest_cache .hypothesis
