@@ -163,14 +163,18 @@ __device__ void roi_pool_backward_tiles(long long n, const T* __restrict__ grad_
       long long k = lists[tile * K + j];
       PoolBox<A> b = pool_box(rois + 5 * k, scale, N, PH, PW);
       long long out0 = (k * C + c) * PH * PW;
-      for (int ph = 0; ph < PH; ++ph) {
+      // The columns' bins that meet the tile, found once for all rows of bins.
+      int pw0 = PW, pw1 = -1;
+      for (int pw = 0; pw < PW; ++pw) {
+        int w0, w1;
+        pool_bin_range(b.x0, b.bin_w, pw, W, &w0, &w1);
+        if (w1 > c0 && w0 <= c1) pw0 = imin(pw0, pw), pw1 = pw;
+      }
+      for (int ph = 0; ph < PH && pw0 <= pw1; ++ph) {
         int h0, h1;
         pool_bin_range(b.y0, b.bin_h, ph, H, &h0, &h1);
         if (h1 <= r0 || h0 > r1) continue;
-        for (int pw = 0; pw < PW; ++pw) {
-          int w0, w1;
-          pool_bin_range(b.x0, b.bin_w, pw, W, &w0, &w1);
-          if (w1 <= c0 || w0 > c1) continue;
+        for (int pw = pw0; pw <= pw1; ++pw) {
           int a = argmax[out0 + ph * PW + pw];
           if (a < 0) continue;
           int ah = a / W, aw = a % W;
