@@ -125,4 +125,7 @@ def test_book_workflow_builds_uploads_and_deploys_to_pages():
     assert build[0] in ([needs] if isinstance(needs, str) else needs), needs
     perms = {**doc.get("permissions", {}), **deploy_job.get("permissions", {})}
     assert perms.get("pages") == "write" and perms.get("id-token") == "write", perms
+    # the build job, which runs the project's code, cannot publish
+    build_perms = build_job.get("permissions", doc.get("permissions", {}))
+    assert build_perms.get("pages") != "write" and build_perms.get("id-token") != "write", build_perms
     assert deploy_job["environment"]["name"] == "github-pages", deploy_job
