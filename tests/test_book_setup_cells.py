@@ -177,6 +177,10 @@ def fake_run(cmd, **kwargs):
     if cmd[0] == "nvidia-smi":
         smi = scenario["nvidia_smi"]
         return subprocess.CompletedProcess(cmd, smi["returncode"], stdout=smi["stdout"], stderr="")
+    if any(arg.startswith(tuple(scenario.get("pip_fails", []))) for arg in cmd[4:]):
+        if kwargs.get("check"):
+            raise subprocess.CalledProcessError(1, cmd)
+        return subprocess.CompletedProcess(cmd, 1)
     for arg in cmd:  # "installed": the next import succeeds
         if arg.startswith("roilib"):
             sys.modules.pop("roilib", None)
@@ -205,13 +209,18 @@ SMI_BANNER = (
 )
 
 
-def _run_setup_cell(scenario):
-    """(pip commands, other commands, printed lines) of the setup cell under ``scenario``."""
+def _driver(scenario) -> subprocess.CompletedProcess:
+    """The setup cell of the reference chapter run by DRIVER under ``scenario``."""
     src = _source(_setup_cell(REFERENCE))
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(scenario)],
         input=src, capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
+
+
+def _run_setup_cell(scenario):
+    """(pip commands, other commands, printed lines) of the setup cell under ``scenario``."""
+    proc = _driver(scenario)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     calls = json.loads(lines[-1][len("CALLS="):])
@@ -263,3 +272,45 @@ def test_setup_cell_installs_the_cupy_wheel_for_the_cuda_major(scenario, wheel):
     assert others == ([["nvidia-smi"]] if scenario["nvidia_smi"] and not scenario["cupy"] else []), others
     gpu_active = wheel is not None or scenario["cupy"]
     assert len(lines) == 1 and ("GPU: active" in lines[0]) == gpu_active, lines
+
+
+def test_a_failed_cupy_install_leaves_the_chapter_on_the_cpu():
+    smi = {"returncode": 0, "stdout": SMI_BANNER.format(cuda="12.4")}
+    pips, _, lines = _run_setup_cell({"nvidia_smi": smi, "cupy": False, "pip_fails": ["cupy-"]})
+    assert [c[-1] for c in pips[1:]] == ["cupy-cuda12x[ctk]"], pips
+    assert len(lines) == 1 and "GPU: none" in lines[0], lines
+
+
+def test_a_failed_roilib_install_stops_the_cell():
+    proc = _driver({"nvidia_smi": None, "cupy": False, "pip_fails": ["roilib"]})
+    assert proc.returncode != 0 and "CalledProcessError" in proc.stderr, proc.stderr
+
+
+def _sync_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sync_setup_cells", SYNC)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sync_script_inserts_or_replaces_only_the_setup_cell():
+    sync = _sync_module()
+    title = {"cell_type": "markdown", "id": "t", "metadata": {}, "source": ["# A chapter"]}
+    body = {"cell_type": "code", "execution_count": 2, "id": "b", "metadata": {}, "outputs": [], "source": ["x = 1"]}
+    old = {"cell_type": "code", "execution_count": 1, "id": "s", "metadata": {"tags": ["mine"]},
+           "outputs": [], "source": ["# Setup: an older cell\n", "import roilib"]}
+    nb = {"cells": [title, body], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+    inserted = sync.synced(nb, "# Setup: new", "roilib 9.9; GPU: none\n")
+    assert [c["id"] for c in inserted["cells"]] == ["t", "roilib-setup", "b"]
+    assert inserted["cells"][1]["outputs"][0]["text"] == ["roilib 9.9; GPU: none\n"]
+    assert inserted["cells"][1]["metadata"]["tags"] == ["nbval-ignore-output", "hide-input"]
+
+    replaced = sync.synced(dict(nb, cells=[title, old, body]), "# Setup: new", "roilib 9.9; GPU: none\n")
+    setup = replaced["cells"][1]
+    assert [c["id"] for c in replaced["cells"]] == ["t", "s", "b"] and setup["source"] == ["# Setup: new"]
+    assert setup["metadata"]["tags"] == ["mine", "nbval-ignore-output", "hide-input"]
+    assert sync.synced(replaced, "# Setup: new", "roilib 9.9; GPU: none\n") == replaced  # idempotent
+    assert replaced["cells"][2] is body and nb["cells"] == [title, body]  # nothing else touched

@@ -48,8 +48,8 @@ RELEASE = "$RELEASE"  # the roilib release that produced this page's outputs
 import importlib, re, shutil, subprocess, sys
 
 
-def pip_install(requirement):
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement], check=True)
+def pip_install(requirement, required=True):
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement], check=required)
     importlib.invalidate_caches()
 
 
@@ -57,7 +57,10 @@ def cuda_major():
     """The CUDA major version of this runtime's NVIDIA driver; None without a GPU."""
     if shutil.which("nvidia-smi") is None:
         return None
-    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True)
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
     if smi.returncode != 0:  # a driver without a usable device
         return None
     found = re.search(r"CUDA Version:\\s*(\\d+)", smi.stdout or "")
@@ -79,8 +82,8 @@ try:
     import cupy
 except ImportError:  # a GPU runtime without CuPy: the wheel for its CUDA major version
     major = cuda_major()
-    if major in (12, 13):
-        pip_install(f"cupy-cuda{major}x[ctk]")
+    if major in (12, 13):  # if this fails, the chapter still runs, on the CPU
+        pip_install(f"cupy-cuda{major}x[ctk]", required=False)
 try:
     import cupy
     gpu = cupy.cuda.runtime.getDeviceCount() > 0
