@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 LOCAL_WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: test book browser-check bench gpu-check clean
+.PHONY: test book browser-check bench gpu-check clean setup-cells dist
 
 $(VENV)/.test-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,17 @@ $(VENV)/.bookcheck-installed: pyproject.toml
 browser-check: $(VENV)/.bookcheck-installed
 	ROILIB_REQUIRE_BROWSER=1 $(PY) -m pytest -q -p no:cacheprovider --noconftest tests/browser_check.py
 
+# Rewrites every chapter's setup cell from tools/sync_setup_cells.py's template, with
+# repository.url from _config.yml and the release tag v<version> (roilib/_version.py).
+setup-cells: $(VENV)/.test-installed
+	$(PY) tools/sync_setup_cells.py
+
+# The release archives (sdist and wheel, with the kernel sources) in dist/, checked.
+dist: $(VENV)/.test-installed
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+
 bench: $(VENV)/.test-installed
 	$(PY) -m roilib.bench
 
@@ -60,4 +71,4 @@ gpu-check:
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) tools/gpu_check.py --out gpu-check-results.txt
 
 clean:
-	rm -rf $(VENV) _build .pytest_cache .hypothesis
+	rm -rf $(VENV) _build .pytest_cache .hypothesis dist

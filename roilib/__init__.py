@@ -16,8 +16,7 @@ import functools
 
 from . import geometry, reference
 from ._validate import array_module
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "spp",
