@@ -75,38 +75,52 @@ def check_rois(rois, input, name: str = "rois") -> np.ndarray:
     n_images = input.shape[0]
     dtype = compute_dtype(input.dtype)
     if isinstance(rois, (list, tuple)):
-        if len(rois) > n_images:
-            raise ValueError(
-                f"{name} is a list of {len(rois)} per-image box arrays but input has only {n_images} images"
-            )
+        _check_list_length(rois, n_images, name)
         parts = []
         for i, boxes in enumerate(rois):
             if not is_array(boxes):
                 raise TypeError(f"{name}[{i}] must be an array of shape (K_{i}, 4), got {type(boxes).__name__}")
             boxes = to_host(boxes)
-            if boxes.ndim != 2 or boxes.shape[1] != 4:
-                raise ValueError(
-                    f"{name}[{i}] must have shape (K_{i}, 4) [x1, y1, x2, y2], got shape {boxes.shape}"
-                )
+            _check_image_boxes_shape(boxes, f"{name}[{i}]", i)
             _check_numeric(boxes, f"{name}[{i}]")
             batch = np.full((boxes.shape[0], 1), i, dtype=np.float64)
             parts.append(np.concatenate([batch, boxes.astype(np.float64)], axis=1))
         out = np.concatenate(parts, axis=0) if parts else np.zeros((0, 5))
         return _check_boxes(out, n_images, name).astype(dtype)
+    _check_is_rois_array(rois, name)
+    rois = to_host(rois)
+    _check_rois_shape(rois, name)
+    _check_numeric(rois, name)
+    return _check_boxes(rois.astype(np.float64), n_images, name).astype(dtype)
+
+
+def _check_list_length(rois, n_images: int, name: str) -> None:
+    if len(rois) > n_images:
+        raise ValueError(f"{name} is a list of {len(rois)} per-image box arrays but input has only {n_images} images")
+
+
+def _check_is_rois_array(rois, name: str) -> None:
     if not is_array(rois):
         raise TypeError(
             f"{name} must be a (K, 5) array or a list of per-image (K_i, 4) arrays, got {type(rois).__name__}"
         )
-    rois = to_host(rois)
+
+
+def _check_image_boxes_shape(boxes, label: str, i: int) -> None:
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{label} must have shape (K_{i}, 4) [x1, y1, x2, y2], got shape {tuple(boxes.shape)}")
+
+
+def _check_rois_shape(rois, name: str) -> None:
     if rois.ndim != 2 or rois.shape[1] != 5:
         hint = (
             "; a (K, 4) array lacks the batch index: prepend it or pass a list of per-image arrays"
             if rois.ndim == 2 and rois.shape[1] == 4
             else ""
         )
-        raise ValueError(f"{name} must have shape (K, 5) [batch_index, x1, y1, x2, y2], got shape {rois.shape}{hint}")
-    _check_numeric(rois, name)
-    return _check_boxes(rois.astype(np.float64), n_images, name).astype(dtype)
+        raise ValueError(
+            f"{name} must have shape (K, 5) [batch_index, x1, y1, x2, y2], got shape {tuple(rois.shape)}{hint}"
+        )
 
 
 def check_rois_on_device(rois, input, xp, name: str = "rois"):
@@ -131,34 +145,17 @@ def check_rois_on_device(rois, input, xp, name: str = "rois"):
             raise TypeError(f"{label} must hold real numbers, got dtype {a.dtype}")
 
     if isinstance(rois, (list, tuple)):
-        if len(rois) > n_images:
-            raise ValueError(
-                f"{name} is a list of {len(rois)} per-image box arrays but input has only {n_images} images"
-            )
+        _check_list_length(rois, n_images, name)
         parts = []
         for i, boxes in enumerate(rois):
             on_input_device(boxes, f"{name}[{i}]")
-            if boxes.ndim != 2 or boxes.shape[1] != 4:
-                raise ValueError(
-                    f"{name}[{i}] must have shape (K_{i}, 4) [x1, y1, x2, y2], got shape {tuple(boxes.shape)}"
-                )
+            _check_image_boxes_shape(boxes, f"{name}[{i}]", i)
             parts.append(xp.concatenate([xp.full((boxes.shape[0], 1), i, dtype=dtype), boxes.astype(dtype)], axis=1))
         out = xp.concatenate(parts, axis=0) if parts else xp.zeros((0, 5), dtype=dtype)
         return xp.ascontiguousarray(out)
-    if not is_array(rois):
-        raise TypeError(
-            f"{name} must be a (K, 5) array or a list of per-image (K_i, 4) arrays, got {type(rois).__name__}"
-        )
+    _check_is_rois_array(rois, name)
     on_input_device(rois, name)
-    if rois.ndim != 2 or rois.shape[1] != 5:
-        hint = (
-            "; a (K, 4) array lacks the batch index: prepend it or pass a list of per-image arrays"
-            if rois.ndim == 2 and rois.shape[1] == 4
-            else ""
-        )
-        raise ValueError(
-            f"{name} must have shape (K, 5) [batch_index, x1, y1, x2, y2], got shape {tuple(rois.shape)}{hint}"
-        )
+    _check_rois_shape(rois, name)
     return xp.ascontiguousarray(rois.astype(dtype, copy=False))
 
 

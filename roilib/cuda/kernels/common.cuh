@@ -99,4 +99,53 @@ __device__ A window_max(const T* __restrict__ plane, int W, int h0, int h1, int 
   return best;
 }
 
+// Output element i = ((k * C + c) * PH + ph) * PW + pw.
+struct OutIndex {
+  long long k;
+  int c, ph, pw;
+};
+
+__device__ __forceinline__ OutIndex out_index(long long i, int C, int PH, int PW) {
+  OutIndex o;
+  o.pw = (int)(i % PW);
+  o.ph = (int)(i / PW % PH);
+  o.c = (int)(i / PW / PH % C);
+  o.k = i / PW / PH / C;
+  return o;
+}
+
+
+// One work item of a tiled deterministic backward: image b, channel c, and the tile of
+// rows r0..r1 and columns c0..c1 (clipped to the map) whose boxes are
+// lists[list0 .. list0 + count), in box order (tiles.cu).
+struct TileItem {
+  long long b, list0;
+  int c, r0, r1, c0, c1, count;
+};
+
+__device__ __forceinline__ TileItem tile_item(long long i, int C, int H, int W, int ts, int TY, int TX, int K,
+                                              const int* __restrict__ cumsum) {
+  TileItem t;
+  int tx = (int)(i % TX), ty = (int)(i / TX % TY);
+  t.c = (int)(i / TX / TY % C);
+  t.b = i / TX / TY / C;
+  long long tile = (t.b * TY + ty) * TX + tx;
+  t.r0 = ty * ts;
+  t.c0 = tx * ts;
+  t.r1 = imin(t.r0 + ts, H) - 1;
+  t.c1 = imin(t.c0 + ts, W) - 1;
+  t.list0 = tile * K;
+  t.count = cumsum[tile * K + K - 1];
+  return t;
+}
+
+// Writes a tile's accumulator (ts wide) to its pixels of plane (b, c) of grad_input.
+template <class A>
+__device__ __forceinline__ void store_tile(const TileItem& t, const A* acc, int ts, int C, int H, int W,
+                                           A* __restrict__ grad_input) {
+  A* out = grad_input + (t.b * C + t.c) * H * W;
+  for (int y = t.r0; y <= t.r1; ++y)
+    for (int x = t.c0; x <= t.c1; ++x) out[(long long)y * W + x] = acc[(y - t.r0) * ts + (x - t.c0)];
+}
+
 #endif  // ROILIB_COMMON_CUH

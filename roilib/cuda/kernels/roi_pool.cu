@@ -54,27 +54,12 @@ __device__ __forceinline__ A pool_bin_max(const T* __restrict__ plane, int H, in
   return window_max<T, A>(plane, W, h0, h1, w0, w1, arg);
 }
 
-// Output element i = ((k * C + c) * PH + ph) * PW + pw.
-struct PoolIndex {
-  long long k;
-  int c, ph, pw;
-};
-
-__device__ __forceinline__ PoolIndex pool_index(long long i, int C, int PH, int PW) {
-  PoolIndex o;
-  o.pw = (int)(i % PW);
-  o.ph = (int)(i / PW % PH);
-  o.c = (int)(i / PW / PH % C);
-  o.k = i / PW / PH / C;
-  return o;
-}
-
 // Forward: one work item per output element (k, c, ph, pw). Writes every element.
 template <class T, class A>
 __device__ void roi_pool_forward(long long n, const T* __restrict__ input, const A* __restrict__ rois, int N, int C,
                                  int H, int W, int PH, int PW, A scale, T* __restrict__ output) {
   ROILIB_FOR_EACH(i, n) {
-    PoolIndex o = pool_index(i, C, PH, PW);
+    OutIndex o = out_index(i, C, PH, PW);
     PoolBox<A> b = pool_box(rois + 5 * o.k, scale, N, PH, PW);
     if (!b.valid) {
       store(output + i, nan_of(A()));
@@ -90,7 +75,7 @@ template <class T, class A>
 __device__ void roi_pool_argmax(long long n, const T* __restrict__ input, const A* __restrict__ rois, int N, int C,
                                 int H, int W, int PH, int PW, A scale, int* __restrict__ argmax) {
   ROILIB_FOR_EACH(i, n) {
-    PoolIndex o = pool_index(i, C, PH, PW);
+    OutIndex o = out_index(i, C, PH, PW);
     PoolBox<A> b = pool_box(rois + 5 * o.k, scale, N, PH, PW);
     if (!b.valid) {
       argmax[i] = -1;
@@ -107,7 +92,7 @@ __device__ void roi_pool_backward_atomic(long long n, const T* __restrict__ grad
                                          const A* __restrict__ rois, int N, int C, int H, int W, int PH, int PW,
                                          A scale, A* __restrict__ grad_input) {
   ROILIB_FOR_EACH(i, n) {
-    PoolIndex o = pool_index(i, C, PH, PW);
+    OutIndex o = out_index(i, C, PH, PW);
     PoolBox<A> b = pool_box(rois + 5 * o.k, scale, N, PH, PW);
     if (!b.valid) continue;
     long long plane_offset = ((long long)b.batch * C + o.c) * H * W;
@@ -151,16 +136,12 @@ __device__ void roi_pool_backward_tiles(long long n, const T* __restrict__ grad_
                                         const int* __restrict__ argmax, int K, int N, int C, int H, int W, int PH,
                                         int PW, A scale, int ts, int TY, int TX, A* __restrict__ grad_input) {
   ROILIB_FOR_EACH(i, n) {
-    int tx = (int)(i % TX), ty = (int)(i / TX % TY), c = (int)(i / TX / TY % C);
-    long long img = i / TX / TY / C;
-    long long tile = (img * TY + ty) * TX + tx;
-    int r0 = ty * ts, c0 = tx * ts;
-    int r1 = imin(r0 + ts, H) - 1, c1 = imin(c0 + ts, W) - 1;
+    TileItem t = tile_item(i, C, H, W, ts, TY, TX, K, cumsum);
+    int c = t.c, r0 = t.r0, r1 = t.r1, c0 = t.c0, c1 = t.c1;
     A acc[ROILIB_TILE * ROILIB_TILE];
     for (int p = 0; p < ts * ts; ++p) acc[p] = 0;
-    int count = cumsum[tile * K + K - 1];
-    for (int j = 0; j < count; ++j) {
-      long long k = lists[tile * K + j];
+    for (int j = 0; j < t.count; ++j) {
+      long long k = lists[t.list0 + j];
       PoolBox<A> b = pool_box(rois + 5 * k, scale, N, PH, PW);
       long long out0 = (k * C + c) * PH * PW;
       // The columns' bins that meet the tile, found once for all rows of bins.
@@ -183,9 +164,7 @@ __device__ void roi_pool_backward_tiles(long long n, const T* __restrict__ grad_
         }
       }
     }
-    A* out = grad_input + (img * C + c) * H * W;
-    for (int y = r0; y <= r1; ++y)
-      for (int x = c0; x <= c1; ++x) out[(long long)y * W + x] = acc[(y - r0) * ts + (x - c0)];
+    store_tile(t, acc, ts, C, H, W, grad_input);
   }
 }
 

@@ -148,21 +148,6 @@ __device__ A bin_max(const T* __restrict__ plane, int H, int W, const SampleGrid
   return best;
 }
 
-// Output element i = ((k * C + c) * PH + ph) * PW + pw.
-struct OutIndex {
-  long long k;
-  int c, ph, pw;
-};
-
-__device__ __forceinline__ OutIndex out_index(long long i, int C, int PH, int PW) {
-  OutIndex o;
-  o.pw = (int)(i % PW);
-  o.ph = (int)(i / PW % PH);
-  o.c = (int)(i / PW / PH % C);
-  o.k = i / PW / PH / C;
-  return o;
-}
-
 // Forward: one work item per output element (k, c, ph, pw). Writes every element.
 template <class T, class A, class Box>
 __device__ void sampled_forward(long long n, const T* __restrict__ input, const A* __restrict__ rois, int C, int H,
@@ -330,16 +315,12 @@ __device__ void sampled_backward_tiles(long long n, const T* __restrict__ grad_o
                                        Box box, int sampling_ratio, int mode, int ts, int TY, int TX,
                                        A* __restrict__ grad_input) {
   ROILIB_FOR_EACH(i, n) {
-    int tx = (int)(i % TX), ty = (int)(i / TX % TY), c = (int)(i / TX / TY % C);
-    long long b = i / TX / TY / C;
-    long long tile = (b * TY + ty) * TX + tx;
-    int r0 = ty * ts, c0 = tx * ts;
-    int r1 = imin(r0 + ts, H) - 1, c1 = imin(c0 + ts, W) - 1;
+    TileItem t = tile_item(i, C, H, W, ts, TY, TX, K, cumsum);
+    int c = t.c, r0 = t.r0, r1 = t.r1, c0 = t.c0, c1 = t.c1;
     A acc[ROILIB_TILE * ROILIB_TILE];
     for (int p = 0; p < ts * ts; ++p) acc[p] = 0;
-    int count = cumsum[tile * K + K - 1];
-    for (int j = 0; j < count; ++j) {
-      long long k = lists[tile * K + j];
+    for (int j = 0; j < t.count; ++j) {
+      long long k = lists[t.list0 + j];
       SampleGrid<A> g = box.grid(rois + 5 * k, PH, PW, sampling_ratio);
       long long ylo, yhi, xlo, xhi;
       samples_near(g.y0, g.bin_h, g.gh, PH, r0, r1, &ylo, &yhi);
@@ -377,9 +358,7 @@ __device__ void sampled_backward_tiles(long long n, const T* __restrict__ grad_o
         }
       }
     }
-    A* out = grad_input + ((long long)b * C + c) * H * W;
-    for (int y = r0; y <= r1; ++y)
-      for (int x = c0; x <= c1; ++x) out[(long long)y * W + x] = acc[(y - r0) * ts + (x - c0)];
+    store_tile(t, acc, ts, C, H, W, grad_input);
   }
 }
 
