@@ -42,6 +42,8 @@ __all__ = [
     "BilinearCorners",
     "bilinear_corners",
     "interpolation_matrix",
+    "WarpAxis",
+    "warp_axis",
     "read_region",
     "area_lost_and_gained",
 ]
@@ -587,6 +589,94 @@ def interpolation_matrix(samples: AxisSamples, size: int, slopes: bool = False):
     derivative[j, lo] = -samples.slope
     derivative[j, hi] += samples.slope
     return index, weights[:, keep], derivative[:, keep]
+
+
+# Largest samples-per-bin count a box may ask for; it only keeps the int conversion
+# defined for absurd boxes (the kernels use the same cap).
+WARP_GRID_CAP = 1 << 20
+
+#: ``-FLT_MAX``: MNC's starting value of a bin's maximum (a sample must beat it to win)
+WARP_FLOOR = -3.4028234663852886e38
+
+
+@dataclass(frozen=True)
+class WarpAxis:
+    """RoIWarp's (MNC's) sample positions along one axis of one box.
+
+    Attributes
+    ----------
+    coord : ndarray, shape (P, g + 1)
+        Sample positions in array-index coordinates (pixel ``i``'s value at ``i``),
+        ``start + f * bin``; entry ``[p, j]`` is sample ``j`` of bin ``p``.
+    frac : ndarray, shape (P, g + 1)
+        ``f``: the position in bin units, ``p`` plus ``j`` steps of ``1 / g`` added one
+        at a time (as MNC's loop adds them, so the rounding is the same).
+    present : ndarray of bool, shape (P, g + 1)
+        ``f <= p + 1``: the sample exists (accumulated rounding can drop the last one).
+    grid : int
+        ``g``: steps per bin (``ceil(roi / P)`` or ``sampling_ratio``); ``g + 1``
+        samples per bin including both ends, 1 sample when ``g == 0``.
+    flat : bool
+        The box has no extent on this axis (``end <= start``): the bins do not follow
+        the far corner.
+    """
+
+    coord: np.ndarray
+    frac: np.ndarray
+    present: np.ndarray
+    grid: int
+    flat: bool
+
+
+def warp_axis(start, end, n_bins: int, sampling_ratio: int = -1, dtype=np.float64) -> WarpAxis:
+    """Sample positions of MNC's RoI warping layer along one axis of one box.
+
+    MNC (``roi_warping_layer.cu`` in ``daijifeng001/caffe-mnc``) takes the rounded
+    corners, ``roi = max(end - start, 0)`` (no ``+ 1``), ``bin = roi / P`` and
+    ``g = ceil(roi / P)``, and walks each bin from its start to its end *inclusive*:
+    ``f = p, p + 1/g, p + 2/g, ...`` while ``f <= p + 1``, reading the map at
+    ``start + f * bin``. The steps are added one by one in ``dtype``, as the layer's loop
+    does, so float32 rounding decides the same way.
+
+    Parameters
+    ----------
+    start, end : float
+        The box's (rounded) corners on this axis, in feature-map pixels.
+    n_bins : int
+        ``P``.
+    sampling_ratio : int
+        ``<= 0``: MNC's adaptive ``g = ceil(roi / P)``; otherwise ``g`` itself.
+    dtype : numpy dtype
+        Arithmetic dtype.
+
+    Returns
+    -------
+    WarpAxis
+    """
+    t = np.dtype(dtype).type
+    length = t(end) - t(start)
+    flat = not length > t(0)
+    roi = t(0) if flat else length
+    bin_size = roi / t(n_bins)
+    if sampling_ratio > 0:
+        grid = int(sampling_ratio)
+    else:
+        grid = int(min(np.ceil(roi / t(n_bins)), WARP_GRID_CAP))
+    # 1 / g is computed in double and then stored in dtype, as the C++ layer does
+    step = t(1.0 / grid) if grid > 0 else None
+    p = np.arange(n_bins, dtype=dtype)
+    f = p.copy()
+    fracs, present = [], []
+    for _ in range(grid + 1):
+        fracs.append(f)
+        present.append(f <= p + t(1))
+        if step is None:
+            break
+        f = f + step
+    frac = np.stack(fracs, axis=1)
+    mask = np.stack(present, axis=1)
+    coord = t(start) + frac * bin_size
+    return WarpAxis(coord, frac, mask, grid, flat)
 
 
 def read_region(rois: np.ndarray, spatial_scale: float, method: str, dtype=np.float64, height=None, width=None) -> np.ndarray:

@@ -105,7 +105,7 @@ ALIGN_VARIANTS = [
     dict(sampling_ratio=-1, aligned=False, mode="max"),
     dict(sampling_ratio=2, aligned=True, mode="max"),
 ]
-WARP_VARIANTS = [dict(sampling_ratio=2, mode="max"), dict(sampling_ratio=-1, mode="avg"), dict(sampling_ratio=1, mode="avg")]
+WARP_VARIANTS = [dict(sampling_ratio=-1), dict(sampling_ratio=2), dict(sampling_ratio=1)]
 BOX_OPS = [("roi_align", kw) for kw in ALIGN_VARIANTS] + [("roi_warp", kw) for kw in WARP_VARIANTS] + [("roi_pool", {})]
 
 

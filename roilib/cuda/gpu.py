@@ -31,6 +31,7 @@ __all__ = [
     "roi_align_rois_backward",
     "roi_warp",
     "roi_warp_backward",
+    "roi_warp_rois_backward",
     "GpuOps",
     "OPTIONS",
 ]
@@ -91,3 +92,4 @@ roi_align_backward = _ops.roi_align_backward
 roi_align_rois_backward = _ops.roi_align_rois_backward
 roi_warp = _ops.roi_warp
 roi_warp_backward = _ops.roi_warp_backward
+roi_warp_rois_backward = _ops.roi_warp_rois_backward
