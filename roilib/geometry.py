@@ -11,9 +11,13 @@ Conventions
 * Arithmetic happens in the input's floating dtype (``float32`` or ``float64``), in the
   same order as torchvision's C++ code, so rounding decisions (``floor``/``ceil`` of a
   bin edge, ``ceil(roi_h / PH)`` for the adaptive grid) agree with it bit for bit.
-* Feature-map pixel ``i`` holds its value at coordinate ``i`` (torchvision's default
-  ``aligned=False``) or, with ``aligned=True``, at ``i + 0.5`` of the scaled box, which
-  the ops express by shifting the box by half a pixel instead of moving the pixels.
+* One pixel convention for the book: map cell ``i`` covers ``[i, i + 1)`` of the scaled
+  box's axis and holds its value at ``i + 0.5``. The ops index arrays, so the sampling
+  functions below work in *array-index* coordinates, where pixel ``i``'s value is at
+  ``i``: a sample at index ``u`` reads the point ``u + 0.5``. ``aligned=True`` subtracts
+  the half pixel from the box and so samples exactly where the box is; ``aligned=False``
+  does not, and reads half a cell right of and below the box. :func:`read_region`
+  converts between the two.
 
 The functions are vectorised over boxes where that is natural (``(K,)`` arrays), and
 per box where the number of samples differs from box to box (adaptive sampling).
@@ -44,7 +48,9 @@ __all__ = [
     "interpolation_matrix",
     "WarpAxis",
     "warp_axis",
+    "CONVENTIONS",
     "read_region",
+    "centre_shift",
     "area_lost_and_gained",
 ]
 
@@ -679,43 +685,99 @@ def warp_axis(start, end, n_bins: int, sampling_ratio: int = -1, dtype=np.float6
     return WarpAxis(coord, frac, mask, grid, flat)
 
 
-def read_region(rois: np.ndarray, spatial_scale: float, method: str, dtype=np.float64, height=None, width=None) -> np.ndarray:
-    """The part of the map an op actually reads for each box, in index coordinates.
+#: ``read_region``'s conventions: where pixel ``i``'s value sits on the map's axis
+CONVENTIONS = {
+    "cell": 0.5,  # the book's: cell i covers [i, i + 1) and its value sits at i + 1/2
+    "index": 0.0,  # the legacy picture (aligned=False): value at i, cell [i - 1/2, i + 1/2]
+}
 
-    Index coordinates put pixel ``i``'s value at ``i`` (its cell is ``[i - 0.5, i + 0.5]``),
-    the convention of ``aligned=False``. The box itself is ``[x1, x2] * s``.
 
-    * ``"pool"`` (RoIPool): whole cells of the rounded corners, ``[q1 - 0.5, q2 + 0.5]``.
-    * ``"warp"`` (RoIWarp): samples between the rounded corners, ``[q1, q2]``.
-    * ``"align"`` (RoIAlign): samples between the exact corners, ``[x1 s, x2 s]``.
+def read_region(
+    rois: np.ndarray,
+    spatial_scale: float,
+    method: str,
+    dtype=np.float64,
+    height=None,
+    width=None,
+    convention: str = "cell",
+) -> np.ndarray:
+    """The part of the map an op actually reads for each box, on the box's axis.
+
+    The box itself is ``[x1 s, x2 s]``. Each op reads its map at array indices; where an
+    index lands on the box's axis is a convention:
+
+    * ``"cell"`` (the book's, and the one under which ``aligned=True`` is exact): map
+      cell ``i`` covers ``[i, i + 1)`` and its value sits at ``i + 1/2``, so array
+      index ``u`` is the point ``u + 1/2``.
+    * ``"index"`` (the legacy picture behind ``aligned=False``, and of many tutorials):
+      pixel ``i``'s value sits at ``i`` and its cell is ``[i - 1/2, i + 1/2]``.
+
+    With ``q = round(x s)`` (C rounding), in array indices the ops read:
+
+    * ``"pool"`` (RoIPool): the whole cells ``q1 .. q2``, ``[q1 - 1/2, q2 + 1/2]``;
+    * ``"warp"`` (RoIWarp, MNC): samples from ``q1`` to ``max(q1, q2)``, ends included;
+    * ``"align"`` (RoIAlign, ``aligned=False``): bins from ``x1 s`` to ``x2 s``;
+    * ``"aligned"`` (RoIAlign, ``aligned=True``): bins from ``x1 s - 1/2`` to ``x2 s - 1/2``.
+
+    For the sampling ops the region is the extent of the bins the samples fill (for
+    ``"align"`` before the ``max(roi, 1)`` clamp of tiny boxes).
 
     Parameters
     ----------
     rois : ndarray, shape (K, 5)
     spatial_scale : float
-    method : {"pool", "warp", "align"}
+    method : {"pool", "warp", "align", "aligned"}
     dtype : numpy dtype
     height, width : int, optional
-        Map size: when given, the region is clipped to the map's cells
-        ``[-0.5, W - 0.5] x [-0.5, H - 0.5]`` (nothing outside the map is read).
+        Map size: when given, the region is clipped to the map, whose cells span
+        ``[0, W]`` (``"cell"``) or ``[-1/2, W - 1/2]`` (``"index"``).
+    convention : {"cell", "index"}
 
     Returns
     -------
     ndarray, shape (K, 4)
-        ``[x_lo, y_lo, x_hi, y_hi]``.
+        ``[x_lo, y_lo, x_hi, y_hi]`` in the same units as the box ``[x1 s, y1 s, x2 s, y2 s]``.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
+    half = dtype(0.5) if isinstance(dtype, type) else np.dtype(dtype).type(0.5)
     if method == "align":
         region = scale_boxes(rois, spatial_scale, dtype)
+    elif method == "aligned":
+        region = scale_boxes(rois, spatial_scale, dtype) - half
     elif method == "warp":
         region = quantize_boxes(rois, spatial_scale, dtype)
+        region[:, 2:] = np.maximum(region[:, 2:], region[:, :2])
     elif method == "pool":
         region = quantize_boxes(rois, spatial_scale, dtype) + np.array([-0.5, -0.5, 0.5, 0.5], dtype=dtype)
     else:
-        raise ValueError(f"method must be 'pool', 'warp' or 'align', got {method!r}")
+        raise ValueError(f"method must be 'pool', 'warp', 'align' or 'aligned', got {method!r}")
+    offset = CONVENTIONS[convention]
+    region = region + offset
     if height is not None and width is not None:
-        upper = np.array([width, height, width, height], dtype=dtype) - 0.5
-        region = np.clip(region, -0.5, upper)
+        upper = np.array([width, height, width, height], dtype=dtype) - 0.5 + offset
+        region = np.clip(region, -0.5 + offset, upper)
     return region
+
+
+def centre_shift(rois: np.ndarray, spatial_scale: float, method: str, convention: str = "cell") -> np.ndarray:
+    """How far the centre of the region an op reads lies from the box's centre.
+
+    Parameters
+    ----------
+    rois : ndarray, shape (K, 5)
+    spatial_scale : float
+    method, convention
+        As in :func:`read_region` (no clipping to the map).
+
+    Returns
+    -------
+    ndarray, shape (K, 2)
+        ``(dx, dy)`` in image pixels; positive is right and down.
+    """
+    box = scale_boxes(rois, spatial_scale)
+    region = read_region(rois, spatial_scale, method, convention=convention)
+    return ((region[:, :2] + region[:, 2:]) - (box[:, :2] + box[:, 2:])) / 2 / spatial_scale
 
 
 def area_lost_and_gained(box: np.ndarray, region: np.ndarray):
