@@ -763,6 +763,53 @@ def grouped_bars(
     ax.legend(fontsize=fontsize)
 
 
+
+def detector_pipeline(ax, op: str = "RoIAlign", stride: int = 32, output_size: int = 7):
+    """The two-stage detector as a diagram: image, backbone, proposals, RoI op, head.
+
+    Shapes are written on the arrows (``(N, C, H, W)`` maps, ``(K, 5)`` boxes,
+    ``(K, C, P, P)`` RoI features); the RoI operation's box has its
+    :data:`METHOD_COLORS` colour.
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    op : str
+        The RoI operation named in the diagram (a :data:`METHOD_COLORS` label).
+    stride : int
+        The backbone's stride, written under it.
+    output_size : int
+        ``P``.
+    """
+    from matplotlib.patches import FancyBboxPatch
+
+    def block(x, y, w, h, text, color, text_color="black"):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                                    facecolor=color, edgecolor="#333333", lw=1.0))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", color=text_color)
+
+    def arrow(x0, y0, x1, y1, label=None, dy=0.12):
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", lw=1.3, color="#333333"))
+        if label:
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + dy, label, ha="center", va="bottom")
+
+    block(0.0, 1.6, 1.5, 0.9, "image", "#f0f0f0")
+    block(2.3, 1.6, 1.7, 0.9, f"backbone\nstride {stride}", "#dadaeb")
+    block(2.3, 0.0, 1.7, 0.9, "proposals\n(RPN)", "#dadaeb")
+    block(4.9, 0.8, 1.7, 0.9, op, method_color(op), "white")
+    block(8.3, 0.8, 1.5, 0.9, "head", "#dadaeb")
+    arrow(1.5, 2.05, 2.3, 2.05)
+    arrow(4.0, 2.05, 5.75, 1.7, "(N, C, H, W)", dy=0.15)
+    arrow(3.15, 1.6, 3.15, 0.9)
+    arrow(4.0, 0.45, 5.75, 0.8, "(K, 5) boxes", dy=-0.5)
+    arrow(6.6, 1.25, 8.3, 1.25, f"(K, C, {output_size}, {output_size})", dy=0.12)
+    ax.text(9.05, 0.55, "classes, boxes,\nmasks", ha="center", va="top")
+    ax.set_xlim(-0.1, 9.9)
+    ax.set_ylim(-0.2, 2.7)
+    ax.set_aspect("equal")
+    ax.axis("off")
+
+
 try:  # the book's style whenever matplotlib is there (the module itself needs it lazily)
     style()
 except ImportError:  # pragma: no cover - roilib without the plot extra

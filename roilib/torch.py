@@ -252,7 +252,7 @@ def roi_pool(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float 
 def roi_warp(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1, mode: str = "max") -> Tensor:
     """RoIWarp, MNC's RoI warping layer; differentiable in ``input`` and, as in MNC, in
     the box coordinates (the rounding of the corners taken as the identity; see
-    :func:`roilib.reference.roi_warp_rois_backward`).
+    :func:`roilib.roi_warp_rois_backward`).
 
     Returns
     -------
