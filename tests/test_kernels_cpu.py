@@ -178,7 +178,7 @@ def test_ties_go_to_the_first_maximum(dtype):
 
 
 def test_roi_pool_worked_example():
-    """The 4x4 arange(16) map of reference article 002."""
+    """The 4x4 arange(16) map of a common MXNet ROIPooling example."""
     x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
     rois = np.array([[0, 0, 0, 2, 2], [0, 0, 1, 3, 3]], dtype=np.float32)
     out = cpu.roi_pool(x, rois, 2, 1.0)
