@@ -372,12 +372,16 @@ def shift_response(ax, shifts: Sequence[float], curves: dict, xlabel: str = "shi
     """
     shifts = np.asarray(shifts, dtype=np.float64)
     styles = [dict(color=COLORS["box"], marker="s", ms=3), dict(color=COLORS["bins"], marker="o", ms=3), dict(color=COLORS["gained"], marker="^", ms=3)]
+    used = set()
     for k, (label, values) in enumerate(curves.items()):
         style_k = dict(styles[k % len(styles)])
-        try:  # an RoI operation keeps its colour
+        try:  # an RoI operation keeps its colour; a second curve of it is dashed
             style_k["color"] = method_color(label)
         except KeyError:
             pass
+        if style_k["color"] in used:
+            style_k["ls"] = "--"
+        used.add(style_k["color"])
         ax.plot(shifts, np.asarray(values, dtype=np.float64), label=label, lw=1.2, **style_k)
     for t in range(int(np.ceil(shifts.min())), int(np.floor(shifts.max())) + 1):
         ax.axvline(t, color=COLORS["grid"], lw=0.6, zorder=0)
