@@ -111,9 +111,9 @@ def feature_grid(ax, height: int, width: int, values: Optional[np.ndarray] = Non
     ax.set_xlim(-0.5 - 0.5, width - 0.5 + 0.5)
     ax.set_ylim(height - 0.5 + 0.5, -0.5 - 0.5)
     ax.set_aspect("equal")
-    # one label per cell while they fit; every 2nd or 5th on large maps
-    ax.set_xticks(range(0, width, 1 if width <= 12 else 2 if width <= 24 else 5))
-    ax.set_yticks(range(0, height, 1 if height <= 12 else 2 if height <= 24 else 5))
+    # one label per cell while they fit; every 2nd or 5th on larger maps
+    ax.set_xticks(range(0, width, 1 if width <= 8 else 2 if width <= 24 else 5))
+    ax.set_yticks(range(0, height, 1 if height <= 8 else 2 if height <= 24 else 5))
     ax.tick_params(labelsize=fontsize)
 
 
@@ -511,6 +511,7 @@ def box_edge_sweep(
     aligned: bool = False,
     mode: str = "avg",
     fontsize: float = FONT_SIZE,
+    legend: bool = True,
 ):
     """A loss ``L = sum(roi_align(input, box) * grad_output)`` as one box edge slides, and dL/d(edge).
 
@@ -583,7 +584,8 @@ def box_edge_sweep(
     ax_loss.set_ylabel("L", fontsize=fontsize)
     ax_grad.set_ylabel(f"dL / d{edge}", fontsize=fontsize)
     ax_grad.set_xlabel(f"{edge} (image pixels)", fontsize=fontsize)
-    ax_grad.legend(fontsize=fontsize)
+    if legend:  # callers drawing several sweeps put one legend under the figure instead
+        ax_grad.legend(fontsize=fontsize)
     return dict(values=values, loss=loss, grad=grad, midpoints=mid, slope=slope, jumps=mid[jump], kinks=mid[kink])
 
 
