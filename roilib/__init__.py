@@ -8,7 +8,8 @@ kernels (:mod:`roilib.cuda`). PyTorch users go through :mod:`roilib.torch`.
 ``[batch_index, x1, y1, x2, y2]`` in image pixels or a list of per-image ``(K_i, 4)``
 arrays; ``output_size`` is an int or ``(h, w)``. Each ``<op>_backward`` takes the
 forward's arguments plus ``grad_output`` and returns the gradient for ``input``;
-:func:`roi_align_rois_backward` returns the gradient for the box coordinates.
+:func:`roi_align_rois_backward` and :func:`roi_warp_rois_backward` return the gradient
+for the box coordinates.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ __all__ = [
     "roi_align_rois_backward",
     "roi_warp",
     "roi_warp_backward",
+    "roi_warp_rois_backward",
     "geometry",
     "reference",
 ]
@@ -63,3 +65,4 @@ roi_align_backward = _dispatch("roi_align_backward")
 roi_align_rois_backward = _dispatch("roi_align_rois_backward")
 roi_warp = _dispatch("roi_warp")
 roi_warp_backward = _dispatch("roi_warp_backward")
+roi_warp_rois_backward = _dispatch("roi_warp_rois_backward")

@@ -1,6 +1,6 @@
 """``python -m roilib.bench``: roilib against torchvision's ops, measured in one run.
 
-Workload (reference 004's shape): a ``1 x 256 x 200 x 272`` float32 map, 715 seeded
+Workload (the shape of a common RoIAlign tutorial example): a ``1 x 256 x 200 x 272`` float32 map, 715 seeded
 random boxes inside an ``800 x 1088`` image, ``7 x 7`` output, ``spatial_scale = 1/4``;
 RoIAlign with ``aligned=True`` and ``sampling_ratio`` 2 and -1, and RoIPool on the same
 boxes. Forward and backward (gradient for the input).

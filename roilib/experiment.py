@@ -427,6 +427,34 @@ class Head(nn.Module):
         return self.box(h) / BOX_SCALE, self.mask(h).view(-1, self.mask_size, self.mask_size)
 
 
+class MNCWarp(nn.Module):
+    """MNC's box features: RoIWarp to ``2P x 2P``, then a 2x2, stride-2 max pooling.
+
+    MNC's network warps every box to 14x14 and pools it to 7x7 for its box head;
+    :func:`roilib.torch.roi_warp` is the warping layer. Differentiable in the features
+    and, as MNC's layer is, in the boxes.
+
+    Parameters
+    ----------
+    output_size : int
+        ``P``; the warp runs at ``2P``.
+    spatial_scale : float
+    """
+
+    def __init__(self, output_size: int, spatial_scale: float):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:
+        from .torch import roi_warp
+
+        warped = roi_warp(input, rois, 2 * self.output_size, self.spatial_scale)
+        return nn.functional.max_pool2d(warped, 2, stride=2)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size} (warp at {2 * self.output_size}), spatial_scale={self.spatial_scale}"
+
+
 def train_head(
     features: Tensor,
     deltas: np.ndarray,

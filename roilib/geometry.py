@@ -11,9 +11,13 @@ Conventions
 * Arithmetic happens in the input's floating dtype (``float32`` or ``float64``), in the
   same order as torchvision's C++ code, so rounding decisions (``floor``/``ceil`` of a
   bin edge, ``ceil(roi_h / PH)`` for the adaptive grid) agree with it bit for bit.
-* Feature-map pixel ``i`` holds its value at coordinate ``i`` (torchvision's default
-  ``aligned=False``) or, with ``aligned=True``, at ``i + 0.5`` of the scaled box, which
-  the ops express by shifting the box by half a pixel instead of moving the pixels.
+* One pixel convention for the book: map cell ``i`` covers ``[i, i + 1)`` of the scaled
+  box's axis and holds its value at ``i + 0.5``. The ops index arrays, so the sampling
+  functions below work in *array-index* coordinates, where pixel ``i``'s value is at
+  ``i``: a sample at index ``u`` reads the point ``u + 0.5``. ``aligned=True`` subtracts
+  the half pixel from the box and so samples exactly where the box is; ``aligned=False``
+  does not, and reads half a cell right of and below the box. :func:`read_region`
+  converts between the two.
 
 The functions are vectorised over boxes where that is natural (``(K,)`` arrays), and
 per box where the number of samples differs from box to box (adaptive sampling).
@@ -42,7 +46,11 @@ __all__ = [
     "BilinearCorners",
     "bilinear_corners",
     "interpolation_matrix",
+    "WarpAxis",
+    "warp_axis",
+    "CONVENTIONS",
     "read_region",
+    "centre_shift",
     "area_lost_and_gained",
 ]
 
@@ -589,43 +597,187 @@ def interpolation_matrix(samples: AxisSamples, size: int, slopes: bool = False):
     return index, weights[:, keep], derivative[:, keep]
 
 
-def read_region(rois: np.ndarray, spatial_scale: float, method: str, dtype=np.float64, height=None, width=None) -> np.ndarray:
-    """The part of the map an op actually reads for each box, in index coordinates.
+# Largest samples-per-bin count a box may ask for; it only keeps the int conversion
+# defined for absurd boxes (the kernels use the same cap).
+WARP_GRID_CAP = 1 << 20
 
-    Index coordinates put pixel ``i``'s value at ``i`` (its cell is ``[i - 0.5, i + 0.5]``),
-    the convention of ``aligned=False``. The box itself is ``[x1, x2] * s``.
+#: ``-FLT_MAX``: MNC's starting value of a bin's maximum (a sample must beat it to win)
+WARP_FLOOR = -3.4028234663852886e38
 
-    * ``"pool"`` (RoIPool): whole cells of the rounded corners, ``[q1 - 0.5, q2 + 0.5]``.
-    * ``"warp"`` (RoIWarp): samples between the rounded corners, ``[q1, q2]``.
-    * ``"align"`` (RoIAlign): samples between the exact corners, ``[x1 s, x2 s]``.
+
+@dataclass(frozen=True)
+class WarpAxis:
+    """RoIWarp's (MNC's) sample positions along one axis of one box.
+
+    Attributes
+    ----------
+    coord : ndarray, shape (P, g + 1)
+        Sample positions in array-index coordinates (pixel ``i``'s value at ``i``),
+        ``start + f * bin``; entry ``[p, j]`` is sample ``j`` of bin ``p``.
+    frac : ndarray, shape (P, g + 1)
+        ``f``: the position in bin units, ``p`` plus ``j`` steps of ``1 / g`` added one
+        at a time (as MNC's loop adds them, so the rounding is the same).
+    present : ndarray of bool, shape (P, g + 1)
+        ``f <= p + 1``: the sample exists (accumulated rounding can drop the last one).
+    grid : int
+        ``g``: steps per bin (``ceil(roi / P)`` or ``sampling_ratio``); ``g + 1``
+        samples per bin including both ends, 1 sample when ``g == 0``.
+    flat : bool
+        The box has no extent on this axis (``end <= start``): the bins do not follow
+        the far corner.
+    """
+
+    coord: np.ndarray
+    frac: np.ndarray
+    present: np.ndarray
+    grid: int
+    flat: bool
+
+
+def warp_axis(start, end, n_bins: int, sampling_ratio: int = -1, dtype=np.float64) -> WarpAxis:
+    """Sample positions of MNC's RoI warping layer along one axis of one box.
+
+    MNC (``roi_warping_layer.cu`` in ``daijifeng001/caffe-mnc``) takes the rounded
+    corners, ``roi = max(end - start, 0)`` (no ``+ 1``), ``bin = roi / P`` and
+    ``g = ceil(roi / P)``, and walks each bin from its start to its end *inclusive*:
+    ``f = p, p + 1/g, p + 2/g, ...`` while ``f <= p + 1``, reading the map at
+    ``start + f * bin``. The steps are added one by one in ``dtype``, as the layer's loop
+    does, so float32 rounding decides the same way.
+
+    Parameters
+    ----------
+    start, end : float
+        The box's (rounded) corners on this axis, in feature-map pixels.
+    n_bins : int
+        ``P``.
+    sampling_ratio : int
+        ``<= 0``: MNC's adaptive ``g = ceil(roi / P)``; otherwise ``g`` itself.
+    dtype : numpy dtype
+        Arithmetic dtype.
+
+    Returns
+    -------
+    WarpAxis
+    """
+    t = np.dtype(dtype).type
+    length = t(end) - t(start)
+    flat = not length > t(0)
+    roi = t(0) if flat else length
+    bin_size = roi / t(n_bins)
+    if sampling_ratio > 0:
+        grid = int(sampling_ratio)
+    else:
+        grid = int(min(np.ceil(roi / t(n_bins)), WARP_GRID_CAP))
+    # 1 / g is computed in double and then stored in dtype, as the C++ layer does
+    step = t(1.0 / grid) if grid > 0 else None
+    p = np.arange(n_bins, dtype=dtype)
+    f = p.copy()
+    fracs, present = [], []
+    for _ in range(grid + 1):
+        fracs.append(f)
+        present.append(f <= p + t(1))
+        if step is None:
+            break
+        f = f + step
+    frac = np.stack(fracs, axis=1)
+    mask = np.stack(present, axis=1)
+    coord = t(start) + frac * bin_size
+    return WarpAxis(coord, frac, mask, grid, flat)
+
+
+#: ``read_region``'s conventions: where pixel ``i``'s value sits on the map's axis
+CONVENTIONS = {
+    "cell": 0.5,  # the book's: cell i covers [i, i + 1) and its value sits at i + 1/2
+    "index": 0.0,  # the legacy picture (aligned=False): value at i, cell [i - 1/2, i + 1/2]
+}
+
+
+def read_region(
+    rois: np.ndarray,
+    spatial_scale: float,
+    method: str,
+    dtype=np.float64,
+    height=None,
+    width=None,
+    convention: str = "cell",
+) -> np.ndarray:
+    """The part of the map an op actually reads for each box, on the box's axis.
+
+    The box itself is ``[x1 s, x2 s]``. Each op reads its map at array indices; where an
+    index lands on the box's axis is a convention:
+
+    * ``"cell"`` (the book's, and the one under which ``aligned=True`` is exact): map
+      cell ``i`` covers ``[i, i + 1)`` and its value sits at ``i + 1/2``, so array
+      index ``u`` is the point ``u + 1/2``.
+    * ``"index"`` (the legacy picture behind ``aligned=False``, and of many tutorials):
+      pixel ``i``'s value sits at ``i`` and its cell is ``[i - 1/2, i + 1/2]``.
+
+    With ``q = round(x s)`` (C rounding), in array indices the ops read:
+
+    * ``"pool"`` (RoIPool): the whole cells ``q1 .. q2``, ``[q1 - 1/2, q2 + 1/2]``;
+    * ``"warp"`` (RoIWarp, MNC): samples from ``q1`` to ``max(q1, q2)``, ends included;
+    * ``"align"`` (RoIAlign, ``aligned=False``): bins from ``x1 s`` to ``x2 s``;
+    * ``"aligned"`` (RoIAlign, ``aligned=True``): bins from ``x1 s - 1/2`` to ``x2 s - 1/2``.
+
+    For the sampling ops the region is the extent of the bins the samples fill (for
+    ``"align"`` before the ``max(roi, 1)`` clamp of tiny boxes).
 
     Parameters
     ----------
     rois : ndarray, shape (K, 5)
     spatial_scale : float
-    method : {"pool", "warp", "align"}
+    method : {"pool", "warp", "align", "aligned"}
     dtype : numpy dtype
     height, width : int, optional
-        Map size: when given, the region is clipped to the map's cells
-        ``[-0.5, W - 0.5] x [-0.5, H - 0.5]`` (nothing outside the map is read).
+        Map size: when given, the region is clipped to the map, whose cells span
+        ``[0, W]`` (``"cell"``) or ``[-1/2, W - 1/2]`` (``"index"``).
+    convention : {"cell", "index"}
 
     Returns
     -------
     ndarray, shape (K, 4)
-        ``[x_lo, y_lo, x_hi, y_hi]``.
+        ``[x_lo, y_lo, x_hi, y_hi]`` in the same units as the box ``[x1 s, y1 s, x2 s, y2 s]``.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
+    half = dtype(0.5) if isinstance(dtype, type) else np.dtype(dtype).type(0.5)
     if method == "align":
         region = scale_boxes(rois, spatial_scale, dtype)
+    elif method == "aligned":
+        region = scale_boxes(rois, spatial_scale, dtype) - half
     elif method == "warp":
         region = quantize_boxes(rois, spatial_scale, dtype)
+        region[:, 2:] = np.maximum(region[:, 2:], region[:, :2])
     elif method == "pool":
         region = quantize_boxes(rois, spatial_scale, dtype) + np.array([-0.5, -0.5, 0.5, 0.5], dtype=dtype)
     else:
-        raise ValueError(f"method must be 'pool', 'warp' or 'align', got {method!r}")
+        raise ValueError(f"method must be 'pool', 'warp', 'align' or 'aligned', got {method!r}")
+    offset = CONVENTIONS[convention]
+    region = region + offset
     if height is not None and width is not None:
-        upper = np.array([width, height, width, height], dtype=dtype) - 0.5
-        region = np.clip(region, -0.5, upper)
+        upper = np.array([width, height, width, height], dtype=dtype) - 0.5 + offset
+        region = np.clip(region, -0.5 + offset, upper)
     return region
+
+
+def centre_shift(rois: np.ndarray, spatial_scale: float, method: str, convention: str = "cell") -> np.ndarray:
+    """How far the centre of the region an op reads lies from the box's centre.
+
+    Parameters
+    ----------
+    rois : ndarray, shape (K, 5)
+    spatial_scale : float
+    method, convention
+        As in :func:`read_region` (no clipping to the map).
+
+    Returns
+    -------
+    ndarray, shape (K, 2)
+        ``(dx, dy)`` in image pixels; positive is right and down.
+    """
+    box = scale_boxes(rois, spatial_scale)
+    region = read_region(rois, spatial_scale, method, convention=convention)
+    return ((region[:, :2] + region[:, 2:]) - (box[:, :2] + box[:, 2:])) / 2 / spatial_scale
 
 
 def area_lost_and_gained(box: np.ndarray, region: np.ndarray):

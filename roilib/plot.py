@@ -3,10 +3,18 @@
 Every picture in the book comes from here, and every coordinate drawn is taken from
 ``roilib.geometry`` rather than recomputed, so a figure cannot disagree with the ops.
 
-Coordinates are *index coordinates* of the feature map: pixel ``(i, j)``'s value sits at
-``(x, y) = (j, i)`` and its cell is the unit square around that point. Rows grow
-downwards, as in an image. A box for an op with ``aligned=True`` is drawn where that op
-sees it, half a pixel up and left of ``[x1, x2] * s``.
+The book has one pixel convention (see :mod:`roilib.geometry`): map cell ``i`` covers
+``[i, i + 1)`` of the scaled box's axis and holds its value at ``i + 1/2``. The axes of
+the drawings are *array indices*: cell ``(i, j)`` is drawn as the unit square centred on
+``(x, y) = (j, i)``, so its tick label sits under its centre. A point ``u`` of the
+book's axis (a box corner ``x1 * s``) is therefore drawn at ``u - 1/2``; the functions
+that take boxes or regions say which of the two they expect. Rows grow downwards, as in
+an image.
+
+Importing this module sets the book's figure style (:func:`style`): text of at least
+10 points on figures at most :data:`MAX_WIDTH` inches wide, so that a figure shown at
+the width of the book's text column keeps its text legible. Every RoI operation has one
+colour (:data:`METHOD_COLORS`) in every figure.
 
 matplotlib is imported lazily: ``pip install roilib[plot]``.
 """
@@ -21,6 +29,52 @@ from . import geometry
 #: colours used consistently across the book
 COLORS = dict(box="#d62728", bins="#1f77b4", samples="#ff7f0e", lost="#d62728", gained="#2ca02c", grid="#999999")
 
+#: one colour per RoI operation, the same in every chapter
+METHOD_COLORS = {
+    "RoIPool": "#1f77b4",
+    "RoIWarp": "#9467bd",
+    "RoIAlign": "#ff7f0e",
+    "RoIAlign, aligned": "#8c564b",
+}
+_METHOD_KEYS = {"pool": "RoIPool", "warp": "RoIWarp", "align": "RoIAlign", "aligned": "RoIAlign, aligned"}
+
+#: widest figure, in inches: at 100 dpi it is shown at (nearly) its natural size in the
+#: book's text column, so 10-point text stays about 10 pixels tall or more
+MAX_WIDTH = 7.0
+#: smallest text on a figure, in points
+FONT_SIZE = 10
+
+
+def method_color(name: str) -> str:
+    """The colour of an RoI operation, by label (``"RoIPool"``, ``"RoIAlign, aligned"``,
+    ``"RoIWarp, max"``...) or key (``"pool"``, ``"warp"``, ``"align"``, ``"aligned"``).
+
+    A label is matched by its longest known prefix; unknown labels raise ``KeyError``.
+    """
+    name = _METHOD_KEYS.get(name, name)
+    for label in sorted(METHOD_COLORS, key=len, reverse=True):
+        if name.startswith(label):
+            return METHOD_COLORS[label]
+    raise KeyError(f"no colour for {name!r}; known: {sorted(METHOD_COLORS)}")
+
+
+def style() -> None:
+    """Set the book's matplotlib style: legible text, 100 dpi, legends that stay readable."""
+    plt = _plt()
+    plt.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "font.size": FONT_SIZE + 1,
+            "axes.titlesize": FONT_SIZE + 1,
+            "axes.labelsize": FONT_SIZE + 1,
+            "xtick.labelsize": FONT_SIZE,
+            "ytick.labelsize": FONT_SIZE,
+            "legend.fontsize": FONT_SIZE,
+            "legend.framealpha": 0.9,
+            "figure.titlesize": FONT_SIZE + 1,
+        }
+    )
+
 
 def _plt():
     import matplotlib.pyplot as plt
@@ -28,7 +82,7 @@ def _plt():
     return plt
 
 
-def feature_grid(ax, height: int, width: int, values: Optional[np.ndarray] = None, fmt: str = "{:g}", cmap: str = "Greys", fontsize: float = 8):
+def feature_grid(ax, height: int, width: int, values: Optional[np.ndarray] = None, fmt: str = "{:g}", cmap: str = "Greys", fontsize: float = FONT_SIZE):
     """Draw an ``height x width`` map as unit cells centred on integer coordinates.
 
     Parameters
@@ -57,8 +111,9 @@ def feature_grid(ax, height: int, width: int, values: Optional[np.ndarray] = Non
     ax.set_xlim(-0.5 - 0.5, width - 0.5 + 0.5)
     ax.set_ylim(height - 0.5 + 0.5, -0.5 - 0.5)
     ax.set_aspect("equal")
-    ax.set_xticks(range(width))
-    ax.set_yticks(range(height))
+    # one label per cell while they fit; every 2nd or 5th on larger maps
+    ax.set_xticks(range(0, width, 1 if width <= 8 else 2 if width <= 24 else 5))
+    ax.set_yticks(range(0, height, 1 if height <= 8 else 2 if height <= 24 else 5))
     ax.tick_params(labelsize=fontsize)
 
 
@@ -87,8 +142,9 @@ def roi_pool_bins(ax, roi: Sequence[float], output_size, spatial_scale: float, h
                 rectangle(ax, ws - 0.5, hs - 0.5, we - 0.5, he - 0.5, fill=True, color=color, alpha=0.22, lw=0)
                 rectangle(ax, ws - 0.5, hs - 0.5, we - 0.5, he - 0.5, edgecolor=color, lw=1.2)
                 if label_bins:
-                    ax.text((ws + we - 1) / 2, (hs + he - 1) / 2, f"{p},{q}", ha="center", va="center", fontsize=7, color=color)
-    exact = geometry.scale_boxes(roi, spatial_scale)[0]
+                    ax.text((ws + we - 1) / 2, (hs + he - 1) / 2, f"{p},{q}", ha="center", va="center", fontsize=FONT_SIZE, color=color)
+    # the box on the book's axis, drawn in array indices (cell i around i)
+    exact = geometry.scale_boxes(roi, spatial_scale)[0] - 0.5
     rectangle(ax, *exact, edgecolor=COLORS["box"], ls="--", lw=1.8)
     return bins
 
@@ -128,7 +184,7 @@ def roi_align_samples(
     return ys, xs
 
 
-def bilinear_cell(ax, corners: "geometry.BilinearCorners", fontsize: float = 9):
+def bilinear_cell(ax, corners: "geometry.BilinearCorners", fontsize: float = FONT_SIZE):
     """One sample point in its 1x1 cell, split into the four sub-rectangles.
 
     Each sub-rectangle is labelled with its area; that area is the weight of the corner
@@ -146,19 +202,21 @@ def bilinear_cell(ax, corners: "geometry.BilinearCorners", fontsize: float = 9):
     ax.scatter([x], [y], color=COLORS["samples"], zorder=5, s=30)
     for (cy, cx) in ((yl, xl), (yl, xh), (yh, xl), (yh, xh)):
         ax.scatter([cx], [cy], color="black", s=18, zorder=5)
-        ax.annotate(f"({cy}, {cx})", (cx, cy), textcoords="offset points", xytext=(4, -10 if cy == yl else 6), fontsize=fontsize - 1)
+        ax.annotate(f"({cy}, {cx})", (cx, cy), textcoords="offset points", xytext=(4, -10 if cy == yl else 6), fontsize=fontsize)
     ax.set_xlim(xl - 0.25, xh + 0.45)
     ax.set_ylim(yh + 0.25, yl - 0.25)
     ax.set_aspect("equal")
 
 
-def lost_and_gained(ax, box: Sequence[float], region: Sequence[float], resolution: int = 400):
+def lost_and_gained(ax, box: Sequence[float], region: Sequence[float], resolution: int = 400, convention: str = "cell"):
     """Shade the part of ``box`` an op does not read (lost) and what it reads outside (gained).
 
-    Both rectangles are ``[x_lo, y_lo, x_hi, y_hi]`` (see :func:`roilib.geometry.read_region`).
+    Both rectangles are ``[x_lo, y_lo, x_hi, y_hi]`` on the axis of ``convention`` (see
+    :func:`roilib.geometry.read_region`); they are drawn in array indices.
     Returns the ``(lost, gained)`` areas from :func:`roilib.geometry.area_lost_and_gained`.
     """
-    box, region = np.asarray(box, float), np.asarray(region, float)
+    shift = geometry.CONVENTIONS[convention]
+    box, region = np.asarray(box, float) - shift, np.asarray(region, float) - shift
     lo = np.minimum(box[:2], region[:2]) - 0.5
     hi = np.maximum(box[2:], region[2:]) + 0.5
     xs = np.linspace(lo[0], hi[0], resolution)
@@ -197,17 +255,30 @@ def spp_pyramid(axes, height: int, width: int, levels=(4, 2, 1)):
         ax.set_title(f"{n} x {n}")
 
 
-def figure(ncols: int = 1, nrows: int = 1, size: float = 3.6):
-    """A figure with ``nrows x ncols`` square-ish panels (returns ``fig, axes``)."""
+def figure(ncols: int = 1, nrows: int = 1, size: float = 3.6, height: Optional[float] = None):
+    """A figure with ``nrows x ncols`` square-ish panels (returns ``fig, axes``).
+
+    The width is capped at :data:`MAX_WIDTH` (panels shrink to fit); ``height`` sets the
+    height of one panel row (default: the panel width).
+    """
     plt = _plt()
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    size = min(size, MAX_WIDTH / ncols)
+    row = size if height is None else height
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, row * nrows), squeeze=False)
     return fig, axes.ravel()
 
 
-def interpolation_profile(ax, values: Sequence[float], lo: Optional[float] = None, hi: Optional[float] = None, num: int = 721, fontsize: float = 8):
+def wide(height: float, nrows: int = 1, ncols: int = 1):
+    """A figure of the full :data:`MAX_WIDTH` and ``height`` inches (returns ``fig, axes``)."""
+    plt = _plt()
+    fig, axes = plt.subplots(nrows, ncols, figsize=(MAX_WIDTH, height), squeeze=False)
+    return fig, axes.ravel()
+
+
+def interpolation_profile(ax, values: Sequence[float], lo: Optional[float] = None, hi: Optional[float] = None, num: int = 721, fontsize: float = FONT_SIZE):
     """RoIAlign's 1-D interpolant of one row of pixel values, with its edge rules.
 
-    The row is treated as a ``1 x W`` map and read at ``num`` points of ``[lo, hi]``
+    The row is treated as a ``1 x W`` map (drawn in array indices: pixel ``i`` at ``i``) and read at ``num`` points of ``[lo, hi]``
     (default: from 2.5 pixels before the first to 1.5 after the last) with
     :func:`roilib.geometry.bilinear_corners`, so the curve follows the ops exactly:
     linear between neighbouring pixels, constant (clamped) on ``[-1, 0]`` and
@@ -242,7 +313,7 @@ def interpolation_profile(ax, values: Sequence[float], lo: Optional[float] = Non
     ax.set_xlim(lo, hi)
     ax.set_xticks(range(int(np.ceil(lo)), int(np.floor(hi)) + 1))
     ax.tick_params(labelsize=fontsize)
-    ax.set_xlabel("x (feature-map pixels, index coordinates)", fontsize=fontsize)
+    ax.set_xlabel("x (array index: pixel i's value at i)", fontsize=fontsize)
     return x, f
 
 
@@ -292,7 +363,7 @@ def samples_at_fractions(
     return ys, xs
 
 
-def shift_response(ax, shifts: Sequence[float], curves: dict, xlabel: str = "shift of the box (feature-map pixels)", ylabel: str = "output value", fontsize: float = 8):
+def shift_response(ax, shifts: Sequence[float], curves: dict, xlabel: str = "shift of the box (feature-map pixels)", ylabel: str = "output value", fontsize: float = FONT_SIZE):
     """Output of one or more ops against a box shift, one line with markers per op.
 
     ``curves`` maps a label to the values at ``shifts`` (for example one output cell of
@@ -301,14 +372,23 @@ def shift_response(ax, shifts: Sequence[float], curves: dict, xlabel: str = "shi
     """
     shifts = np.asarray(shifts, dtype=np.float64)
     styles = [dict(color=COLORS["box"], marker="s", ms=3), dict(color=COLORS["bins"], marker="o", ms=3), dict(color=COLORS["gained"], marker="^", ms=3)]
+    used = set()
     for k, (label, values) in enumerate(curves.items()):
-        ax.plot(shifts, np.asarray(values, dtype=np.float64), label=label, lw=1.2, **styles[k % len(styles)])
+        style_k = dict(styles[k % len(styles)])
+        try:  # an RoI operation keeps its colour; a second curve of it is dashed
+            style_k["color"] = method_color(label)
+        except KeyError:
+            pass
+        if style_k["color"] in used:
+            style_k["ls"] = "--"
+        used.add(style_k["color"])
+        ax.plot(shifts, np.asarray(values, dtype=np.float64), label=label, lw=1.2, **style_k)
     for t in range(int(np.ceil(shifts.min())), int(np.floor(shifts.max())) + 1):
         ax.axvline(t, color=COLORS["grid"], lw=0.6, zorder=0)
     ax.set_xlabel(xlabel, fontsize=fontsize)
     ax.set_ylabel(ylabel, fontsize=fontsize)
     ax.tick_params(labelsize=fontsize)
-    ax.legend(fontsize=fontsize)
+    ax.legend(fontsize=fontsize, loc="best")
 
 
 def axis_bins(ax, start, end, length: int, box: Optional[Sequence[float]] = None, title: Optional[str] = None, color: str = COLORS["bins"]):
@@ -317,7 +397,8 @@ def axis_bins(ax, start, end, length: int, box: Optional[Sequence[float]] = None
     Row 0 shows the ``length`` cells of the axis (pixel ``i`` is the cell around ``i``);
     bin ``k``'s pixel range ``[start[k], end[k])`` is a bar in row ``k + 1``, so bins
     that overlap are visible. Cells that no bin covers are shaded in the strip; ``box``
-    (``(lo, hi)``, index coordinates) draws an exact box's extent as a dashed line.
+    (``(lo, hi)`` on the book's axis, where cell ``i`` is ``[i, i + 1)``) draws an exact
+    box's extent as a dashed line.
     ``start``/``end`` come from :func:`roilib.geometry.spp_bins`,
     :func:`roilib.geometry.spp_training_windows` or a ``PoolBins`` row.
 
@@ -334,24 +415,25 @@ def axis_bins(ax, start, end, length: int, box: Optional[Sequence[float]] = None
         shade = dict(fill=True, color="#f0f0f0", lw=0) if covered[i] else dict(fill=True, color=COLORS["lost"], alpha=0.35, lw=0)
         rectangle(ax, i - 0.5, -0.4, i + 0.5, 0.4, **shade)
         rectangle(ax, i - 0.5, -0.4, i + 0.5, 0.4, edgecolor=COLORS["grid"], lw=0.6)
-        ax.text(i, 0, str(i), ha="center", va="center", fontsize=7, color="#333333")
+        ax.text(i, 0, str(i), ha="center", va="center", fontsize=FONT_SIZE, color="#333333")
     for k, (s, e) in enumerate(zip(start, end)):
         if e > s:
             rectangle(ax, s - 0.5, k + 0.7, e - 0.5, k + 1.3, fill=True, color=color, alpha=0.35, lw=0)
             rectangle(ax, s - 0.5, k + 0.7, e - 0.5, k + 1.3, edgecolor=color, lw=1.0)
     if box is not None:
+        box = (box[0] - 0.5, box[1] - 0.5)  # drawn in array indices
         ax.plot([box[0], box[1]], [-0.55, -0.55], color=COLORS["box"], ls="--", lw=1.6)
         for x in box:
             ax.plot([x, x], [-0.7, len(start) + 0.5], color=COLORS["box"], ls="--", lw=0.8)
     ax.set_xlim(-1.0, length)
     ax.set_ylim(len(start) + 0.6, -0.9)
     ax.set_yticks([0] + list(range(1, len(start) + 1)))
-    ax.set_yticklabels(["pixel"] + [f"bin {k}" for k in range(len(start))], fontsize=7)
+    ax.set_yticklabels(["pixel"] + [f"bin {k}" for k in range(len(start))], fontsize=FONT_SIZE)
     ax.set_xticks([])
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=FONT_SIZE)
     return np.flatnonzero(~covered)
 
 
@@ -361,7 +443,7 @@ def sample_strips(
     edges: Optional[Sequence[float]] = None,
     size: Optional[int] = None,
     marker_size: float = 22,
-    fontsize: float = 8,
+    fontsize: float = FONT_SIZE,
 ):
     """Where several resamplers read along one axis: one labelled row of points each.
 
@@ -411,7 +493,7 @@ def sample_strips(
     ax.set_ylim(-0.7, n - 0.3)
     ax.set_xlim(lo, hi)
     ax.tick_params(axis="x", labelsize=fontsize)
-    ax.set_xlabel("x (feature-map pixels, index coordinates)", fontsize=fontsize)
+    ax.set_xlabel("x (array index: pixel i's value at i)", fontsize=fontsize)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
 
@@ -428,7 +510,8 @@ def box_edge_sweep(
     sampling_ratio: int = -1,
     aligned: bool = False,
     mode: str = "avg",
-    fontsize: float = 8,
+    fontsize: float = FONT_SIZE,
+    legend: bool = True,
 ):
     """A loss ``L = sum(roi_align(input, box) * grad_output)`` as one box edge slides, and dL/d(edge).
 
@@ -501,11 +584,12 @@ def box_edge_sweep(
     ax_loss.set_ylabel("L", fontsize=fontsize)
     ax_grad.set_ylabel(f"dL / d{edge}", fontsize=fontsize)
     ax_grad.set_xlabel(f"{edge} (image pixels)", fontsize=fontsize)
-    ax_grad.legend(fontsize=fontsize)
+    if legend:  # callers drawing several sweeps put one legend under the figure instead
+        ax_grad.legend(fontsize=fontsize)
     return dict(values=values, loss=loss, grad=grad, midpoints=mid, slope=slope, jumps=mid[jump], kinks=mid[kink])
 
 
-def grid_stride_launch(ax, n: int, block: int, blocks: int, y: float = 0.0, label: Optional[str] = None, fontsize: float = 8):
+def grid_stride_launch(ax, n: int, block: int, blocks: int, y: float = 0.0, label: Optional[str] = None, fontsize: float = FONT_SIZE):
     """Which thread of a launch handles which work item of a grid-stride loop.
 
     The kernels loop ``for (i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)``:
@@ -549,7 +633,7 @@ def grid_stride_launch(ax, n: int, block: int, blocks: int, y: float = 0.0, labe
         lo, hi = p * total, min((p + 1) * total, n)
         ax.plot([lo + 0.1, hi - 0.1], [y - 0.12, y - 0.12], color="#333333", lw=1.0)
         text = f"pass {p}" if hi - lo >= 3 else str(p)
-        ax.text((lo + hi) / 2, y - 0.22, text, ha="center", va="top", fontsize=fontsize - 1)
+        ax.text((lo + hi) / 2, y - 0.22, text, ha="center", va="top", fontsize=fontsize)
     ax.text(-0.4, y + 0.4, label if label is not None else f"{blocks} x {block} threads", ha="right", va="center",
             fontsize=fontsize)
     ax.set_xlim(-0.2, n + 0.2)
@@ -568,22 +652,21 @@ def read_regions(
     values: np.ndarray,
     roi: Sequence[float],
     spatial_scale: float,
-    methods: Sequence[str] = ("pool", "warp", "align"),
-    aligned: bool = True,
+    methods: Sequence[str] = ("pool", "warp", "aligned"),
     truth: Optional[Sequence[float]] = None,
     cmap: str = "gray",
-    fontsize: float = 8,
+    fontsize: float = FONT_SIZE,
 ):
     """A map with one proposal, the part of the map each RoI op reads for it, and the true box.
 
-    The map is drawn as an image in index coordinates (cell ``(i, j)`` centred at
-    ``(j, i)``). For a backbone whose cell ``q`` covers image pixels
-    ``[q / s, (q + 1) / s)`` an image coordinate ``x`` lies at ``x * s - 0.5``; ``truth``
-    (dashed) is drawn there. The regions come from :func:`roilib.geometry.read_region`:
-    RoIPool's whole cells (shaded), RoIWarp's span between the rounded corners (dotted)
-    and RoIAlign's exact box (solid), moved by ``-0.5`` when ``aligned``, each clipped to
-    the map. With ``spatial_scale=1`` and ``methods=("align",)`` it shows the proposal on
-    an image. The outlines carry labels, so ``ax.legend()`` explains them.
+    The map is drawn as an image in array indices (cell ``(i, j)`` centred at ``(j, i)``).
+    The regions are :func:`roilib.geometry.read_region`'s, clipped to the map, in the
+    book's convention: RoIPool's whole cells (shaded), RoIWarp's samples between the
+    rounded corners (dotted), RoIAlign's bins with ``aligned=False`` (dash-dotted) and
+    with ``aligned=True`` (solid; this is exactly the proposal). ``truth`` (dashed) is
+    drawn where the proposal's own coordinates put it. With ``spatial_scale=1`` and
+    ``methods=("aligned",)`` it shows the proposal on an image. The outlines carry
+    labels, so ``ax.legend()`` explains them; each op has its :data:`METHOD_COLORS`.
 
     Parameters
     ----------
@@ -592,9 +675,7 @@ def read_regions(
     roi : sequence of 4 or 5 floats
         The proposal ``[x1, y1, x2, y2]`` (or ``[batch_index, x1, y1, x2, y2]``) in image pixels.
     spatial_scale : float
-    methods : sequence of {"pool", "warp", "align"}
-    aligned : bool
-        Which RoIAlign convention ``"align"`` shows.
+    methods : sequence of {"pool", "warp", "align", "aligned"}
     truth : sequence of 4 floats, optional
         The true box ``[x1, y1, x2, y2]`` in image pixels.
     cmap : str
@@ -603,7 +684,7 @@ def read_regions(
     Returns
     -------
     dict
-        The drawn rectangles ``[x_lo, y_lo, x_hi, y_hi]`` in index coordinates, by method
+        The drawn rectangles ``[x_lo, y_lo, x_hi, y_hi]`` in array indices, by method
         (and ``"truth"``).
     """
     values = np.asarray(values)
@@ -614,18 +695,18 @@ def read_regions(
     rois = roi.reshape(1, 5)
     drawn = {}
     styles = dict(
-        pool=dict(edgecolor=COLORS["bins"], lw=1.6, label="RoIPool's cells"),
-        warp=dict(edgecolor="#9467bd", lw=1.8, ls=":", label="RoIWarp's samples"),
-        align=dict(edgecolor=COLORS["samples"], lw=1.8, label="RoIAlign's box" + (" (aligned)" if aligned else "")),
+        pool=dict(lw=1.6, label="RoIPool's cells"),
+        warp=dict(lw=1.8, ls=":", label="RoIWarp's samples"),
+        align=dict(lw=1.8, ls="-.", label="RoIAlign's bins"),
+        aligned=dict(lw=1.8, label="RoIAlign's bins, aligned"),
     )
     for method in methods:
-        # aligned=True reads the box half a cell up and left: shift it in image pixels
-        shift = 0.5 / spatial_scale if (method == "align" and aligned) else 0.0
-        moved = rois - np.array([0.0, shift, shift, shift, shift])
-        region = geometry.read_region(moved, spatial_scale, method, height=h, width=w)[0]
+        # array indices are the "index" convention's axis: pixel i's value at i
+        region = geometry.read_region(rois, spatial_scale, method, height=h, width=w, convention="index")[0]
+        color = method_color(method)
         if method == "pool":
-            rectangle(ax, *region, fill=True, color=COLORS["bins"], alpha=0.25, lw=0)
-        rectangle(ax, *region, **styles[method])
+            rectangle(ax, *region, fill=True, color=color, alpha=0.25, lw=0)
+        rectangle(ax, *region, edgecolor=color, **styles[method])
         drawn[method] = region
     if truth is not None:
         region = geometry.scale_boxes(np.concatenate([[0.0], np.asarray(truth, np.float64)])[None], spatial_scale)[0] - 0.5
@@ -646,7 +727,7 @@ def grouped_bars(
     baseline: Optional[float] = None,
     baseline_label: str = "",
     colors: Optional[Sequence[str]] = None,
-    fontsize: float = 8,
+    fontsize: float = FONT_SIZE,
 ):
     """Bars for results: one group per entry of ``groups``, one bar per series, values printed.
 
@@ -664,10 +745,12 @@ def grouped_bars(
         A horizontal dashed reference line (for example the error before refinement).
     baseline_label : str
     colors : sequence of str, optional
-        One colour per series.
+        One colour per series (default: an RoI operation's :data:`METHOD_COLORS`).
     fontsize : float
     """
-    colors = list(colors or [COLORS["box"], "#9467bd", COLORS["bins"], COLORS["gained"], COLORS["samples"]])
+    if colors is None:
+        colors = [method_color(label) for label in series]
+    colors = list(colors)
     n = len(series)
     width = 0.8 / n
     x = np.arange(len(groups), dtype=np.float64)
@@ -676,11 +759,64 @@ def grouped_bars(
         values = np.asarray(values, dtype=np.float64)
         ax.bar(pos, values, width * 0.92, label=label, color=colors[k % len(colors)])
         for p, v in zip(pos, values):
-            ax.text(p, v, fmt.format(v), ha="center", va="bottom", fontsize=fontsize - 1)
+            ax.text(p, v, fmt.format(v), ha="center", va="bottom", fontsize=fontsize)
     if baseline is not None:
         ax.axhline(baseline, color="black", ls="--", lw=1, label=baseline_label or None)
     ax.set_xticks(x)
     ax.set_xticklabels(groups, fontsize=fontsize)
     ax.set_ylabel(ylabel, fontsize=fontsize)
     ax.tick_params(labelsize=fontsize)
-    ax.legend(fontsize=fontsize - 1)
+    ax.legend(fontsize=fontsize)
+
+
+
+def detector_pipeline(ax, op: str = "RoIAlign", stride: int = 32, output_size: int = 7):
+    """The two-stage detector as a diagram: image, backbone, proposals, RoI op, head.
+
+    Shapes are written on the arrows (``(N, C, H, W)`` maps, ``(K, 5)`` boxes,
+    ``(K, C, P, P)`` RoI features); the RoI operation's box has its
+    :data:`METHOD_COLORS` colour.
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    op : str
+        The RoI operation named in the diagram (a :data:`METHOD_COLORS` label).
+    stride : int
+        The backbone's stride, written under it.
+    output_size : int
+        ``P``.
+    """
+    from matplotlib.patches import FancyBboxPatch
+
+    def block(x, y, w, h, text, color, text_color="black"):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                                    facecolor=color, edgecolor="#333333", lw=1.0))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", color=text_color)
+
+    def arrow(x0, y0, x1, y1, label=None, dy=0.12):
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", lw=1.3, color="#333333"))
+        if label:
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + dy, label, ha="center", va="bottom")
+
+    block(0.0, 1.6, 1.5, 0.9, "image", "#f0f0f0")
+    block(2.3, 1.6, 1.7, 0.9, f"backbone\nstride {stride}", "#dadaeb")
+    block(2.3, 0.0, 1.7, 0.9, "proposals\n(RPN)", "#dadaeb")
+    block(4.9, 0.8, 1.7, 0.9, op, method_color(op), "white")
+    block(8.3, 0.8, 1.5, 0.9, "head", "#dadaeb")
+    arrow(1.5, 2.05, 2.3, 2.05)
+    arrow(4.0, 2.05, 5.75, 1.7, "(N, C, H, W)", dy=0.15)
+    arrow(3.15, 1.6, 3.15, 0.9)
+    arrow(4.0, 0.45, 5.75, 0.8, "(K, 5) boxes", dy=-0.5)
+    arrow(6.6, 1.25, 8.3, 1.25, f"(K, C, {output_size}, {output_size})", dy=0.12)
+    ax.text(9.05, 0.55, "classes, boxes,\nmasks", ha="center", va="top")
+    ax.set_xlim(-0.1, 9.9)
+    ax.set_ylim(-0.2, 2.7)
+    ax.set_aspect("equal")
+    ax.axis("off")
+
+
+try:  # the book's style whenever matplotlib is there (the module itself needs it lazily)
+    style()
+except ImportError:  # pragma: no cover - roilib without the plot extra
+    pass

@@ -2,7 +2,7 @@
 
 The functions and modules mirror ``torchvision.ops`` (same argument names and order),
 with roilib's extras: RoIAlign's ``mode="max"``, RoIWarp, SPP, and gradients with
-respect to the RoIAlign box coordinates.
+respect to the RoIAlign and RoIWarp box coordinates.
 
 CPU tensors run the NumPy reference (:mod:`roilib.reference`), CUDA tensors the CUDA
 kernels (:mod:`roilib.cuda.gpu`) through DLPack, without copies, on torch's current
@@ -141,7 +141,7 @@ def _run(name: str, tensors: Tuple[Tensor, ...], *args) -> Tensor:
         tensors = tuple(t.float() if t.dtype == narrow else t for t in tensors)
     if first.is_cuda:
         kwargs = {}
-        if name.endswith("backward") and name != "roi_align_rois_backward":
+        if name.endswith("backward") and not name.endswith("rois_backward"):
             kwargs["deterministic"] = _deterministic()
         out = _run_cuda(name, tensors, args, kwargs, first.device)
     else:
@@ -299,8 +299,19 @@ def _(grad, input, rois, output_size, spatial_scale, sampling_ratio, mode):
     return torch.empty_like(input)
 
 
+@torch.library.custom_op("roilib::roi_warp_rois_backward", mutates_args=())
+def _roi_warp_rois_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int, mode: str) -> Tensor:
+    out = _run("roi_warp_rois_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio, mode)
+    return out.to(rois.dtype)
+
+
+@_roi_warp_rois_backward.register_fake
+def _(grad, input, rois, output_size, spatial_scale, sampling_ratio, mode):
+    return torch.empty_like(rois)
+
+
 _register_backward(_roi_pool, _roi_pool_backward)
-_register_backward(_roi_warp, _roi_warp_backward)
+_register_backward(_roi_warp, _roi_warp_backward, _roi_warp_rois_backward)
 
 
 def roi_pool(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0) -> Tensor:
@@ -313,8 +324,10 @@ def roi_pool(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float 
     return _roi_pool(input, _as_rois(boxes, input), _pair(output_size), float(spatial_scale))
 
 
-def roi_warp(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 2, mode: str = "max") -> Tensor:
-    """RoIWarp (MNC): RoIPool's rounded box sampled bilinearly; differentiable in ``input``.
+def roi_warp(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1, mode: str = "max") -> Tensor:
+    """RoIWarp, MNC's RoI warping layer; differentiable in ``input`` and, as in MNC, in
+    the box coordinates (the rounding of the corners taken as the identity; see
+    :func:`roilib.roi_warp_rois_backward`).
 
     Returns
     -------
@@ -439,7 +452,7 @@ class RoIPool(nn.Module):
 class RoIWarp(nn.Module):
     """``nn.Module`` form of :func:`roi_warp`."""
 
-    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int = 2, mode: str = "max"):
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int = -1, mode: str = "max"):
         super().__init__()
         self.output_size, self.spatial_scale = output_size, spatial_scale
         self.sampling_ratio, self.mode = sampling_ratio, mode

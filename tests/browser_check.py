@@ -11,10 +11,17 @@ used) and checks, for every page listed in ``_toc.yml``:
   errors;
 * a notebook page's Colab launch link opens that notebook from the repository and
   branch named in ``_config.yml``;
-* no uncaught JavaScript error (``pageerror``), no request for a file of the book that
-  fails, and no request at all to any host other than 127.0.0.1 (the book works offline).
+* no uncaught JavaScript error (``pageerror``), no error on the console (a missing
+  favicon, a theme complaint), no request for a file of the book that fails, and no
+  request at all to any host other than 127.0.0.1 (the book works offline);
+* at 1280 px and at 400 px wide, no code block or cell output is wider than its box
+  (nothing scrolls sideways or is cut off);
+* at 1280 px, every figure is shown at no less than :data:`MIN_FIGURE_SCALE` of its
+  natural size, so that the figures' 10-point text (``roilib.plot``'s style, at 100 dpi)
+  is at least 10 pixels tall on the page.
 
-A full-page screenshot of every page lands in ``_build/browser-check/`` for a look.
+A full-page screenshot of every page at both widths lands in ``_build/browser-check/``
+for a look.
 
 Without ``_build/html`` or Chromium or Playwright the tests are skipped, unless
 ``ROILIB_REQUIRE_BROWSER=1`` (``make browser-check`` and CI set it), in which case they
@@ -48,6 +55,11 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]
 REQUIRED = os.environ.get("ROILIB_REQUIRE_BROWSER") == "1"
+#: the two page widths checked: a desktop window and a phone
+WIDTHS = (1280, 400)
+#: smallest displayed/natural width of a figure at 1280 px: 10 pt at 100 dpi is 13.9 px,
+#: so at 0.72 of its natural size a figure's smallest text is still 10 px tall
+MIN_FIGURE_SCALE = 0.72
 PAGES = book_layout.toc_docnames()
 
 
@@ -97,14 +109,16 @@ def browser():
 class PageVisit:
     """One page load with everything the checks need recorded."""
 
-    def __init__(self, browser, base_url: str, path: str):
+    def __init__(self, browser, base_url: str, path: str, width: int = 1280):
         self.base = base_url
         self.errors: list = []  # uncaught exceptions in the page
+        self.console: list = []  # console.error messages (a 404, a theme complaint)
         self.outside: list = []  # requests to any host but ours (all blocked)
         self.failed: list = []  # requests for our files that failed
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.context = browser.new_context(viewport={"width": width, "height": 900})
         self.page = self.context.new_page()
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        self.page.on("console", self._console)
         self.page.on("requestfailed", self._request_failed)
         self.page.on("response", self._response)
         self.page.route("**/*", self._route)
@@ -121,6 +135,10 @@ class PageVisit:
             self.outside.append(url)
             route.abort()
 
+    def _console(self, message):
+        if message.type == "error":
+            self.console.append(f"{message.text} ({message.location.get('url', '')})")
+
     def _request_failed(self, request):
         if self._ours(request.url):
             self.failed.append(f"{request.url}: {request.failure}")
@@ -133,8 +151,27 @@ class PageVisit:
         self.context.close()
 
 
-def _visit(browser, base_url, docname):
-    return PageVisit(browser, base_url, f"{docname}.html")
+def _visit(browser, base_url, docname, width=1280):
+    return PageVisit(browser, base_url, f"{docname}.html", width)
+
+
+# Code blocks and cell outputs whose content is wider than their box (it would scroll
+# sideways or be cut off). Returns a short description of each.
+_OVERFLOWING = """
+() => Array.from(document.querySelectorAll(
+    'div.highlight pre, div.cell_output pre, div.cell_output, div.cell_input'))
+  .filter(el => el.offsetParent !== null && el.scrollWidth > el.clientWidth + 1)
+  .map(el => `${el.tagName.toLowerCase()}.${el.className || ''}: ${el.scrollWidth} > `
+             + `${el.clientWidth} px: ${(el.innerText || '').split('\\n')[0].slice(0, 60)}`)
+"""
+
+# Figures (cell outputs' images): displayed width over natural width.
+_FIGURE_SCALES = """
+() => Array.from(document.querySelectorAll('div.cell_output img'))
+  .filter(img => img.naturalWidth > 0)
+  .map(img => ({src: img.currentSrc || img.src, scale: img.clientWidth / img.naturalWidth,
+                natural: img.naturalWidth, shown: img.clientWidth}))
+"""
 
 
 def _wait_for_images(page):
@@ -186,9 +223,32 @@ def test_page_renders(browser, base_url, docname):
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / f"{docname.replace('/', '__')}.png"), full_page=True)
 
+        small = [f for f in page.evaluate(_FIGURE_SCALES) if f["scale"] < MIN_FIGURE_SCALE]
+        assert not small, f"figures shrunk below {MIN_FIGURE_SCALE:.0%} (text under 10 px): {small}"
+        overflowing = page.evaluate(_OVERFLOWING)
+        assert not overflowing, f"wider than their box at 1280 px: {overflowing}"
+
         assert not visit.errors, f"JavaScript errors: {visit.errors}"
+        assert not visit.console, f"console errors: {visit.console}"
         assert not visit.failed, f"failed requests: {visit.failed}"
         assert not visit.outside, f"requests leaving 127.0.0.1 (the book must work offline): {visit.outside}"
+    finally:
+        visit.close()
+
+
+@pytest.mark.parametrize("docname", PAGES)
+def test_narrow_page_has_nothing_wider_than_its_box(browser, base_url, docname):
+    """At 400 px (a phone), code and outputs wrap or fit; nothing scrolls sideways."""
+    visit = _visit(browser, base_url, docname, width=WIDTHS[1])
+    page = visit.page
+    try:
+        _wait_for_images(page)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / f"{docname.replace('/', '__')}-{WIDTHS[1]}.png"), full_page=True)
+        overflowing = page.evaluate(_OVERFLOWING)
+        assert not overflowing, f"wider than their box at {WIDTHS[1]} px: {overflowing}"
+        assert not visit.errors, f"JavaScript errors: {visit.errors}"
+        assert not visit.console, f"console errors: {visit.console}"
     finally:
         visit.close()
 

@@ -1,4 +1,4 @@
-"""Cases whose expected values were computed by hand or printed in the reference articles."""
+"""Cases whose expected values were computed by hand or printed in the tutorials the book discusses."""
 import numpy as np
 import pytest
 
@@ -7,7 +7,7 @@ from roilib import geometry
 
 
 def test_roi_pool_reproduces_the_mxnet_4x4_example():
-    # reference 002: ROIPooling on arange(16), pooled 2x2, scale 1
+    # a common MXNet example: ROIPooling on arange(16), pooled 2x2, scale 1
     x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
     rois = np.array([[0, 0, 0, 2, 2], [0, 0, 1, 3, 3]], dtype=np.float32)
     out = roilib.roi_pool(x, rois, (2, 2), 1.0)
@@ -26,12 +26,12 @@ def test_roi_align_on_a_5x5_ramp(aligned, first_row):
     np.testing.assert_allclose(out[0, 0, :, 0], np.array(first_row[0]) + 5 * 0.5 * np.arange(4))
 
 
-def test_roi_align_reproduces_reference_004_with_its_rounded_box():
-    # the article rounds the scaled box to [230.02, 69.24, 262.46, 80.5] before continuing
+def test_roi_align_reproduces_tutorial_example_with_its_rounded_box():
+    # the tutorial rounds the scaled box to [230.02, 69.24, 262.46, 80.5] before continuing
     box = np.array([[0, 230.02, 69.24, 262.46, 80.5]])
     geo = geometry.roi_align_boxes(box, (7, 7), 1.0, 2, aligned=False)
     assert round(float(geo.bin_w[0]), 2) == 4.63
-    assert round(float(geo.bin_h[0]), 2) == 1.61  # 11.26 / 7 = 1.6086; the article truncates to 1.60
+    assert round(float(geo.bin_h[0]), 2) == 1.61  # 11.26 / 7 = 1.6086; the tutorial truncates to 1.60
     y = geometry.sample_points(geo.start_y[0], geo.bin_h[0], 2, 7)[0]
     x = geometry.sample_points(geo.start_x[0], geo.bin_w[0], 2, 7)[0]
     assert (round(y, 2), round(x, 2)) == (69.64, 231.18)
@@ -39,13 +39,13 @@ def test_roi_align_reproduces_reference_004_with_its_rounded_box():
     assert (corners.y_low, corners.y_high, corners.x_low, corners.x_high) == (69, 70, 231, 232)
     # distances to the cell's top, bottom, left, right edges
     assert [round(d, 2) for d in (y - 69, 70 - y, x - 231, 232 - x)] == [0.64, 0.36, 0.18, 0.82]
-    # the article lists the areas of the four sub-rectangles top-left, top-right,
+    # the tutorial lists the areas of the four sub-rectangles top-left, top-right,
     # bottom-left, bottom-right; each is the weight of the diagonally opposite corner
     areas = corners.weights[::-1, ::-1]
     np.testing.assert_array_equal(np.round(areas, 2), [[0.11, 0.53], [0.06, 0.29]])
 
 
-def test_roi_align_reproduces_reference_004_at_full_precision():
+def test_roi_align_reproduces_tutorial_example_at_full_precision():
     rois = np.array([[0, 920.11, 276.99, 1049.87, 322.0]])
     scaled = geometry.scale_boxes(rois, 0.25)
     np.testing.assert_allclose(scaled[0], [230.0275, 69.2475, 262.4675, 80.5])
@@ -55,19 +55,19 @@ def test_roi_align_reproduces_reference_004_at_full_precision():
     np.testing.assert_allclose(s.coord[:2], [69.2475 + 11.2525 / 28, 69.2475 + 3 * 11.2525 / 28])
 
 
-def test_feature_map_projection_of_reference_000_box():
+def test_feature_map_projection_of_blog_example_box():
     # a 200x145 box at (296, 192) on a stride-32 map: 6.25 x 4.53 at (9.25, 6)
     scaled = geometry.scale_boxes(np.array([[0, 296, 192, 296 + 200, 192 + 145]]), 1 / 32)[0]
     np.testing.assert_allclose(scaled[:2], [9.25, 6.0])
     np.testing.assert_allclose(scaled[2:] - scaled[:2], [6.25, 4.53125])
 
 
-def test_roipool_quantizes_reference_000_665px_box_to_20_cells():
+def test_roipool_quantizes_blog_example_665px_box_to_20_cells():
     # 665 / 32 = 20.78 on the map; RoIPool rounds the corners
     q = geometry.quantize_boxes(np.array([[0, 0, 0, 665, 665]]), 1 / 32)[0]
     assert q.tolist() == [0, 0, 21, 21]  # C round of 20.78 is 21 ...
     floor_size = np.floor(665 / 32)
-    assert floor_size == 20  # ... while the articles' description floors it to 20
+    assert floor_size == 20  # ... while the tutorials' description floors it to 20
 
 
 def test_c_round_rounds_half_away_from_zero():
@@ -97,16 +97,36 @@ def test_roi_pool_bins_of_a_7_cell_box_into_3():
     assert bins.wend[0].tolist() == [3, 5, 7]
 
 
-def test_read_region_of_reference_000_box_is_clipped_to_a_16_cell_map():
-    # x2 = 496 / 32 = 15.5 rounds to column 16, one past a 16-wide map
+def test_read_region_of_the_running_example_in_both_conventions():
+    # box (296, 192)-(496, 337) at stride 32: (9.25, 6)-(15.5, 10.53125) on the map; its
+    # corners round to 9, 6, 16, 11 (15.5 rounds away from zero, to 16)
     rois = np.array([[0, 296, 192, 496, 337]])
+    # the book's convention, cell i = [i, i + 1): RoIPool's cells 9..16 and 6..11
     pool = geometry.read_region(rois, 1 / 32, "pool")[0]
-    assert pool.tolist() == [8.5, 5.5, 16.5, 11.5]  # rounded corners 9, 6, 16, 11, whole cells
+    assert pool.tolist() == [9, 6, 17, 12]
+    # the legacy convention, cell i = [i - 1/2, i + 1/2]
+    legacy = geometry.read_region(rois, 1 / 32, "pool", convention="index")[0]
+    assert legacy.tolist() == [8.5, 5.5, 16.5, 11.5]
+    # RoIWarp samples from the centre of cell 9 to the centre of cell 16; aligned RoIAlign
+    # reads the box itself, aligned=False RoIAlign the box moved by half a cell
+    assert geometry.read_region(rois, 1 / 32, "warp")[0].tolist() == [9.5, 6.5, 16.5, 11.5]
+    assert geometry.read_region(rois, 1 / 32, "aligned")[0].tolist() == [9.25, 6, 15.5, 10.53125]
+    assert geometry.read_region(rois, 1 / 32, "align")[0].tolist() == [9.75, 6.5, 16, 11.03125]
+    # a 16 x 16 map spans [0, 16]: column 16 is cut off
     clipped = geometry.read_region(rois, 1 / 32, "pool", height=16, width=16)[0]
-    assert clipped.tolist() == [8.5, 5.5, 15.5, 11.5]
+    assert clipped.tolist() == [9, 6, 16, 12]
     lost, gained = geometry.area_lost_and_gained(geometry.scale_boxes(rois, 1 / 32), clipped[None])
-    # box 6.25 x 4.53125 at (9.25, 6); cells cover x in [8.5, 15.5], y in [5.5, 11.5]
-    box_area = 6.25 * 4.53125
-    inside = (15.5 - 9.25) * 4.53125
-    assert lost[0] == pytest.approx(box_area - inside)
-    assert gained[0] == pytest.approx(7 * 6 - inside)
+    assert lost[0] == 0  # the box lies inside [9, 16] x [6, 12]
+    assert gained[0] == pytest.approx(7 * 6 - 6.25 * 4.53125)
+    # centres: cells (9 + 17) / 2 = 13 against (9.25 + 15.5) / 2 = 12.375, i.e. 0.625
+    # cells = 20 px; rows 9 against 8.265625, 0.734375 cells = 23.5 px
+    assert geometry.centre_shift(rois, 1 / 32, "pool")[0].tolist() == [20.0, 23.5]
+    assert geometry.centre_shift(rois, 1 / 32, "pool", "index")[0].tolist() == [4.0, 7.5]
+
+
+def test_read_region_rejects_an_unknown_convention_or_method():
+    rois = np.array([[0, 1.0, 1.0, 5.0, 5.0]])
+    with pytest.raises(ValueError, match="convention must be one of"):
+        geometry.read_region(rois, 1.0, "pool", convention="centre")
+    with pytest.raises(ValueError, match="method must be"):
+        geometry.read_region(rois, 1.0, "crop")

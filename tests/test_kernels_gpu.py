@@ -14,6 +14,7 @@ import pytest
 import roilib.reference as ref
 from test_kernels_cpu import (  # same directory; pytest puts it on sys.path
     ALIGN_VARIANTS,
+    WARP_VARIANTS,
     BOX_OPS,
     FLOATS,
     GEOMETRIES,
@@ -79,6 +80,16 @@ def test_roi_align_box_gradient(kw, dtype):
     got = gpu.roi_align_rois_backward(*on_gpu(g, x, rois), (3, 4), 0.5, **kw)
     assert_close(cp.asnumpy(got), ref.roi_align_rois_backward(g, x, rois, (3, 4), 0.5, **kw), dtype, scale=10)
     same_bits(got, cpu.roi_align_rois_backward(g, x, rois, (3, 4), 0.5, **kw))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kw", WARP_VARIANTS, ids=str)
+def test_roi_warp_box_gradient(kw, dtype):
+    x, rois = make_case(dtype, seed=3, spatial_scale=0.5)
+    g = grad_like(ref.roi_warp(x, rois, (3, 4), 0.5, **kw))
+    got = gpu.roi_warp_rois_backward(*on_gpu(g, x, rois), (3, 4), 0.5, **kw)
+    assert_close(cp.asnumpy(got), ref.roi_warp_rois_backward(g, x, rois, (3, 4), 0.5, **kw), dtype, scale=10)
+    same_bits(got, cpu.roi_warp_rois_backward(g, x, rois, (3, 4), 0.5, **kw))
 
 
 @pytest.mark.parametrize("dtype", (np.float16,) + FLOATS)

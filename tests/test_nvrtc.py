@@ -64,6 +64,10 @@ class _Recorder(KernelOps):
     def __init__(self):
         self.launches = {}
 
+    def _empty(self, shape, dtype):
+        # no kernel runs here, so nothing would fill an uninitialised output
+        return np.zeros(shape, dtype=dtype)
+
     def launch(self, family, kernel, dtype, n, *args):
         name = f"{family}_{kernel}_{_SUFFIX[np.dtype(dtype)]}"
         self.launches.setdefault(family, {})[name] = [np.int64(n)] + list(args)
@@ -81,8 +85,9 @@ def recorded_launches():
                 rec.roi_align(x, rois, 2, mode=mode)
                 rec.roi_align_backward(g, x, rois, 2, mode=mode, deterministic=det)
                 rec.roi_align_rois_backward(g, x, rois, 2, mode=mode)
-                rec.roi_warp(x, rois, 2, mode=mode)
-                rec.roi_warp_backward(g, x, rois, 2, mode=mode, deterministic=det)
+                rec.roi_warp(x, rois, 2)
+                rec.roi_warp_backward(g, x, rois, 2, deterministic=det)
+                rec.roi_warp_rois_backward(g, x, rois, 2)
                 rec.roi_pool(x, rois, 2)
                 rec.roi_pool_backward(g, x, rois, 2, deterministic=det)
                 rec.spp(x, (2, 1), mode)

@@ -51,7 +51,7 @@ def test_roi_pool_roi_warp_and_spp_pass_gradcheck():
     x, rois = _problem()
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda inp: rt.roi_pool(inp, rois, 3, 0.5), (x,), eps=1e-6, atol=1e-6)
-    assert torch.autograd.gradcheck(lambda inp: rt.roi_warp(inp, rois, 3, 0.5, 2, "avg"), (x,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda inp: rt.roi_warp(inp, rois, 3, 0.5, 2), (x,), eps=1e-6, atol=1e-6)
     assert torch.autograd.gradcheck(lambda inp: rt.spp(inp, (3, 2, 1), "max"), (x,), eps=1e-6, atol=1e-6)
 
 
@@ -109,3 +109,14 @@ def test_custom_ops_pass_torch_library_opcheck():
     x, rois = _problem()
     torch.library.opcheck(torch.ops.roilib.roi_align.default, (x, rois, [2, 2], 0.5, 2, True, "avg"))
     torch.library.opcheck(torch.ops.roilib.roi_pool.default, (x, rois, [2, 2], 0.5))
+
+
+def test_roi_warp_box_gradient_flows_when_boxes_require_it():
+    x, rois = _problem()
+    rois = rois.clone().requires_grad_(True)
+    out = rt.roi_warp(x, rois, 3, 0.5)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(0))
+    (out * g).sum().backward()
+    expected = roilib.roi_warp_rois_backward(g.numpy(), x.numpy(), rois.detach().numpy(), 3, 0.5)
+    np.testing.assert_array_equal(rois.grad.numpy(), expected)
+    assert (rois.grad[:, 0] == 0).all() and rois.grad.abs().sum() > 0

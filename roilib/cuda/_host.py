@@ -164,6 +164,10 @@ class KernelOps:
         v.check_grad_output(grad_output, shape, x)
         return self.xp.ascontiguousarray(grad_output)
 
+    def _empty(self, shape, dtype):
+        """An uninitialised buffer, for outputs that every work item writes (``_alloc``)."""
+        return self._alloc(shape, dtype)
+
     def _zeros_acc(self, shape, dtype):
         return self._zeros(shape, v.compute_dtype(dtype))
 
@@ -202,8 +206,11 @@ class KernelOps:
         return x, r, ph, pw, box, _MODE[v.check_mode(mode)]
 
     def _warp_args(self, input, rois, output_size, spatial_scale, sampling_ratio, mode):
+        """Checked RoIWarp arguments: ``x, rois, PH, PW, (typed scale, sampling_ratio)``."""
         x, r, ph, pw, scale = self._box_args(input, rois, output_size, spatial_scale)
-        return x, r, ph, pw, (scale, *_ints(v.check_sampling_ratio(sampling_ratio))), _MODE[v.check_mode(mode)]
+        if mode != "max":
+            raise ValueError(f"mode must be 'max' for roi_warp (MNC's layer takes the largest sample), got {mode!r}")
+        return x, r, ph, pw, (scale, np.int32(v.check_sampling_ratio(sampling_ratio)))
 
     # -- bilinear-sampled ops (RoIAlign, RoIWarp): same kernels, different box ------
 
@@ -311,10 +318,10 @@ class KernelOps:
         self._run("roi_align", "box_reduce", x.dtype, k * 5, partial, np.int32(c), out)
         return self._cast(out, x.dtype)
 
-    # -- RoIWarp ---------------------------------------------------------------------
+    # -- RoIWarp (MNC's layer; kernels in roi_warp.cu) ------------------------------
 
     @_on_device
-    def roi_warp(self, input, rois, output_size, spatial_scale=1.0, sampling_ratio=2, mode="max"):
+    def roi_warp(self, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, mode="max"):
         """RoIWarp forward.
 
         Parameters
@@ -326,12 +333,15 @@ class KernelOps:
         -------
         array, shape (K, C, PH, PW), the input's dtype
         """
-        x, r, ph, pw, box, m = self._warp_args(input, rois, output_size, spatial_scale, sampling_ratio, mode)
-        return self._sampled_forward("roi_warp", x, r, ph, pw, box, m)
+        x, r, ph, pw, box = self._warp_args(input, rois, output_size, spatial_scale, sampling_ratio, mode)
+        n, c, h, w = x.shape
+        out = self._alloc((r.shape[0], c, ph, pw), x.dtype)  # every element is written
+        self._run("roi_warp", "forward", x.dtype, out.size, x, r, *_ints(n, c, h, w, ph, pw), *box, out)
+        return out
 
     @_on_device
     def roi_warp_backward(
-        self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=2, mode="max",
+        self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, mode="max",
         deterministic=False,
     ):
         """Gradient of ``roi_warp`` with respect to ``input``.
@@ -350,8 +360,57 @@ class KernelOps:
         -------
         array, shape (N, C, H, W), the input's dtype
         """
-        x, r, ph, pw, box, m = self._warp_args(input, rois, output_size, spatial_scale, sampling_ratio, mode)
-        return self._sampled_backward("roi_warp", grad_output, x, r, ph, pw, box, m, deterministic)
+        x, r, ph, pw, box = self._warp_args(input, rois, output_size, spatial_scale, sampling_ratio, mode)
+        n, c, h, w = x.shape
+        k = r.shape[0]
+        g = self._grad(grad_output, (k, c, ph, pw), x)
+        dims = _ints(n, c, h, w, ph, pw)
+        if not deterministic or k == 0:
+            grad = self._zeros_acc(x.shape, x.dtype)
+            self._run("roi_warp", "backward_atomic", x.dtype, g.size, g, x, r, *dims, *box, grad)
+            return self._cast(grad, x.dtype)
+        ranges = self._alloc((k, 5), np.int32)
+        self._run("roi_warp", "ranges", x.dtype, k, r, np.int32(n), *dims[2:], *box, ranges)
+        winner = self._alloc(g.shape, np.int32)
+        self._run("roi_warp", "argmax", x.dtype, g.size, x, r, *dims, *box, winner)
+        lists, cumsum, (ts, ty, tx) = self._box_tiles(ranges, n, h, w)
+        grad = self._alloc(x.shape, v.compute_dtype(x.dtype))  # every element is written
+        self._run(
+            "roi_warp", "backward_tiles", x.dtype, n * c * ty * tx,
+            g, r, lists, cumsum, winner, np.int32(k), *dims, *box, *_ints(ts, ty, tx), grad,
+        )  # fmt: skip
+        return self._cast(grad, x.dtype)
+
+    @_on_device
+    def roi_warp_rois_backward(
+        self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, mode="max"
+    ):
+        """Gradient of ``roi_warp`` with respect to the box coordinates.
+
+        Always deterministic: one partial sum per (box, channel), then one sum over the
+        channels per box, in channel order.
+
+        Parameters
+        ----------
+        grad_output : array, shape (K, C, PH, PW)
+        input, rois, output_size, spatial_scale, sampling_ratio, mode
+            As in ``roilib.reference.roi_warp_rois_backward``.
+
+        Returns
+        -------
+        array, shape (K, 5), the input's dtype
+            ``d loss / d [batch_index, x1, y1, x2, y2]``; the batch column is 0.
+        """
+        x, r, ph, pw, box = self._warp_args(input, rois, output_size, spatial_scale, sampling_ratio, mode)
+        n, c, h, w = x.shape
+        k = r.shape[0]
+        g = self._grad(grad_output, (k, c, ph, pw), x)
+        acc = v.compute_dtype(x.dtype)
+        partial = self._alloc((k, c, 4), acc)  # both passes write every element
+        out = self._alloc((k, 5), acc)
+        self._run("roi_warp", "box_partial", x.dtype, k * c, g, x, r, *_ints(n, c, h, w, ph, pw), *box, partial)
+        self._run("roi_warp", "box_reduce", x.dtype, k * 5, partial, np.int32(c), out)
+        return self._cast(out, x.dtype)
 
     # -- RoIPool ---------------------------------------------------------------------
 

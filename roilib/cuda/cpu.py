@@ -7,7 +7,7 @@ exact kernel text the GPU runs, with the same host code (``roilib.cuda._host``),
 the tests compare it with the NumPy reference on machines without a GPU.
 
 The functions take NumPy arrays and have the reference's signatures (backward functions
-add ``deterministic=True``)::
+add ``deterministic=False``)::
 
     from roilib.cuda import cpu
     out = cpu.roi_align(x, rois, 7, spatial_scale=1/16, sampling_ratio=2)
@@ -72,6 +72,7 @@ __all__ = [
     "roi_align_rois_backward",
     "roi_warp",
     "roi_warp_backward",
+    "roi_warp_rois_backward",
     "build",
     "build_source",
     "CpuOps",
@@ -211,3 +212,4 @@ roi_align_backward = _ops.roi_align_backward
 roi_align_rois_backward = _ops.roi_align_rois_backward
 roi_warp = _ops.roi_warp
 roi_warp_backward = _ops.roi_warp_backward
+roi_warp_rois_backward = _ops.roi_warp_rois_backward

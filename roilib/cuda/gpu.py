@@ -1,7 +1,7 @@
 """The kernels on an NVIDIA GPU, launched with CuPy.
 
 The functions take CuPy arrays and have the reference's signatures (backward functions
-add ``deterministic=True``). Each op family's ``.cu`` file is compiled once by NVRTC
+add ``deterministic=False``). Each op family's ``.cu`` file is compiled once by NVRTC
 through ``cupy.RawModule`` (headers pasted in, see ``roilib.cuda._source.kernel_source``,
 so CuPy's on-disk cache sees every change) and its ``extern "C"`` kernels are looked up
 by name.
@@ -43,6 +43,7 @@ __all__ = [
     "roi_align_rois_backward",
     "roi_warp",
     "roi_warp_backward",
+    "roi_warp_rois_backward",
     "GpuOps",
     "OPTIONS",
     "external_stream",
@@ -150,3 +151,4 @@ roi_align_backward = _ops.roi_align_backward
 roi_align_rois_backward = _ops.roi_align_rois_backward
 roi_warp = _ops.roi_warp
 roi_warp_backward = _ops.roi_warp_backward
+roi_warp_rois_backward = _ops.roi_warp_rois_backward

@@ -6,9 +6,8 @@ from .roi_align import (
     roi_align,
     roi_align_backward,
     roi_align_rois_backward,
-    roi_warp,
-    roi_warp_backward,
 )
+from .roi_warp import roi_warp, roi_warp_backward, roi_warp_rois_backward
 from .roi_pool import roi_pool, roi_pool_backward
 from .spp import spp, spp_backward
 
@@ -22,4 +21,5 @@ __all__ = [
     "roi_align_rois_backward",
     "roi_warp",
     "roi_warp_backward",
+    "roi_warp_rois_backward",
 ]

@@ -1,4 +1,4 @@
-"""RoIAlign (Mask R-CNN) and RoIWarp (MNC): bilinear samples of a box, pooled per bin.
+"""RoIAlign (Mask R-CNN): bilinear samples of a box, pooled per bin.
 
 For one box and one channel, the bilinear samples form ``S = B_y X B_x^T``, where
 ``B_y`` (samples x touched rows) and ``B_x`` (samples x touched columns) hold the 1-D
@@ -17,7 +17,7 @@ from typing import Tuple
 import numpy as np
 
 from .. import _validate as v
-from ..geometry import AlignBoxes, box_axis_samples, interpolation_matrix, quantize_boxes, roi_align_boxes
+from ..geometry import AlignBoxes, box_axis_samples, interpolation_matrix, roi_align_boxes
 from ._layout import add_block, channels_first, channels_last, take_block
 
 
@@ -279,59 +279,3 @@ def roi_align_rois_backward(
         x_lo, x_hi = box.coord_derivatives(geo, k, spatial_scale, 1)
         grad[k, 1:] = [dx @ x_lo, dy @ y_lo, dx @ x_hi, dy @ y_hi]
     return grad.astype(input.dtype)
-
-
-def _warp_rois(rois: np.ndarray, spatial_scale: float) -> np.ndarray:
-    """RoIWarp's boxes: corners C-rounded on the feature map, as RoIPool does."""
-    out = rois.copy()
-    out[:, 1:] = quantize_boxes(rois, spatial_scale, rois.dtype)
-    return out
-
-
-def roi_warp(input: np.ndarray, rois, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 2, mode: str = "max") -> np.ndarray:
-    """RoIWarp (MNC): RoIPool's rounded box, then RoIAlign's bilinear sampling.
-
-    Equal to ``roi_align(input, q, output_size, 1.0, sampling_ratio, aligned=False,
-    mode=mode)`` with ``q`` the box corners rounded on the feature map
-    (:func:`roilib.geometry.quantize_boxes`).
-
-    Parameters
-    ----------
-    input : ndarray, shape (N, C, H, W)
-    rois : ndarray (K, 5) or list of (K_i, 4) arrays
-    output_size : int or (int, int)
-    spatial_scale : float
-    sampling_ratio : int
-        Samples per bin and axis (``<= 0``: adaptive).
-    mode : {"max", "avg"}
-
-    Returns
-    -------
-    ndarray, shape (K, C, PH, PW)
-    """
-    rois, output_size, spatial_scale, sampling_ratio, _, mode = _check(
-        input, rois, output_size, spatial_scale, sampling_ratio, False, mode
-    )
-    x = channels_last(input)
-    out = _forward(x, _warp_rois(rois, spatial_scale), output_size, 1.0, sampling_ratio, False, mode)
-    return channels_first(out, input.dtype)
-
-
-def roi_warp_backward(
-    grad_output: np.ndarray,
-    input: np.ndarray,
-    rois,
-    output_size,
-    spatial_scale: float = 1.0,
-    sampling_ratio: int = 2,
-    mode: str = "max",
-) -> np.ndarray:
-    """Gradient of :func:`roi_warp` with respect to ``input`` (see :func:`roi_align_backward`)."""
-    rois, output_size, spatial_scale, sampling_ratio, _, mode = _check(
-        input, rois, output_size, spatial_scale, sampling_ratio, False, mode
-    )
-    v.check_grad_output(grad_output, (rois.shape[0], input.shape[1]) + output_size, input)
-    x = channels_last(input)
-    q = _warp_rois(rois, spatial_scale)
-    grad = _backward(channels_last(grad_output), x, q, output_size, 1.0, sampling_ratio, False, mode)
-    return channels_first(grad, input.dtype)
