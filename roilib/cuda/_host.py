@@ -100,6 +100,9 @@ class KernelOps:
     #: kernels' ROILIB_TILE) when the per-tile box lists would pass TILE_LIST_BUDGET
     tile = 16
     max_tile = 16
+    #: channels a work item of RoIAlign's tiled backward handles together (sharing the
+    #: box geometry); at most the kernels' ROILIB_TILE_CHANNELS (8 on the CPU build)
+    tile_channels = 8
 
     def launch(self, family: str, kernel: str, dtype, n: int, *args) -> None:
         """Run kernel ``<family>_<kernel>_<suffix of dtype>`` over ``n`` work items."""
@@ -237,10 +240,11 @@ class KernelOps:
         else:
             winner = self._alloc((1,), np.int32)  # not read in avg mode
         lists, cumsum, (ts, ty, tx) = self._box_tiles(ranges, n, h, w)
+        cg = min(self.tile_channels, c)
         grad = self._alloc(x.shape, v.compute_dtype(x.dtype))  # every element is written
         self._run(
-            family, "backward_tiles", x.dtype, n * c * ty * tx,
-            g, r, lists, cumsum, winner, np.int32(k), *dims, *box, np.int32(mode), *_ints(ts, ty, tx), grad,
+            family, "backward_tiles", x.dtype, n * (-(-c // cg)) * ty * tx,
+            g, r, lists, cumsum, winner, np.int32(k), *dims, *box, np.int32(mode), *_ints(ts, cg, ty, tx), grad,
         )  # fmt: skip
         return self._cast(grad, x.dtype)
 

@@ -115,6 +115,7 @@ class GpuOps(KernelOps):
     #: tiles of 8 x 8 pixels for the deterministic backward: more work items than the
     #: CPU build's 16 x 16, and smaller per-thread accumulators
     tile = 8
+    tile_channels = 1  # the kernels' ROILIB_TILE_CHANNELS under NVRTC
 
     def __init__(self):
         self._modules = {}

@@ -27,6 +27,16 @@
 #define ROILIB_TILE 16
 #endif
 
+// Channels one work item of the sampled ops' tiled backward handles together (they
+// share the box geometry; the host picks the count, at most this).
+#ifndef ROILIB_TILE_CHANNELS
+#ifdef __CUDACC__
+#define ROILIB_TILE_CHANNELS 1
+#else
+#define ROILIB_TILE_CHANNELS 8
+#endif
+#endif
+
 // Taps (sample positions along x) a tile's backward keeps per box; more are recomputed.
 #ifndef ROILIB_TAP_CACHE
 #ifdef __CUDACC__
@@ -115,20 +125,23 @@ __device__ __forceinline__ OutIndex out_index(long long i, int C, int PH, int PW
 }
 
 
-// One work item of a tiled deterministic backward: image b, channel c, and the tile of
-// rows r0..r1 and columns c0..c1 (clipped to the map) whose boxes are
-// lists[list0 .. list0 + count), in box order (tiles.cu).
+// One work item of a tiled deterministic backward: image b, channels c .. c + nc - 1
+// (a group of cg; cg = 1 gives one channel per item), and the tile of rows r0..r1 and
+// columns c0..c1 (clipped to the map) whose boxes are lists[list0 .. list0 + count),
+// in box order (tiles.cu). Items run over (b, channel group, tile row, tile column).
 struct TileItem {
   long long b, list0;
-  int c, r0, r1, c0, c1, count;
+  int c, nc, r0, r1, c0, c1, count;
 };
 
-__device__ __forceinline__ TileItem tile_item(long long i, int C, int H, int W, int ts, int TY, int TX, int K,
-                                              const int* __restrict__ cumsum) {
+__device__ __forceinline__ TileItem tile_item(long long i, int C, int cg, int H, int W, int ts, int TY, int TX,
+                                              int K, const int* __restrict__ cumsum) {
   TileItem t;
+  int groups = (C + cg - 1) / cg;
   int tx = (int)(i % TX), ty = (int)(i / TX % TY);
-  t.c = (int)(i / TX / TY % C);
-  t.b = i / TX / TY / C;
+  t.c = (int)(i / TX / TY % groups) * cg;
+  t.nc = imin(cg, C - t.c);
+  t.b = i / TX / TY / groups;
   long long tile = (t.b * TY + ty) * TX + tx;
   t.r0 = ty * ts;
   t.c0 = tx * ts;
@@ -139,13 +152,17 @@ __device__ __forceinline__ TileItem tile_item(long long i, int C, int H, int W, 
   return t;
 }
 
-// Writes a tile's accumulator (ts wide) to its pixels of plane (b, c) of grad_input.
+// Writes a tile's accumulators (one ts x ts block per channel of the item) to its
+// pixels of planes (b, c ..) of grad_input.
 template <class A>
 __device__ __forceinline__ void store_tile(const TileItem& t, const A* acc, int ts, int C, int H, int W,
                                            A* __restrict__ grad_input) {
-  A* out = grad_input + (t.b * C + t.c) * H * W;
-  for (int y = t.r0; y <= t.r1; ++y)
-    for (int x = t.c0; x <= t.c1; ++x) out[(long long)y * W + x] = acc[(y - t.r0) * ts + (x - t.c0)];
+  for (int q = 0; q < t.nc; ++q) {
+    A* out = grad_input + (t.b * C + t.c + q) * H * W;
+    const A* a = acc + q * ts * ts;
+    for (int y = t.r0; y <= t.r1; ++y)
+      for (int x = t.c0; x <= t.c1; ++x) out[(long long)y * W + x] = a[(y - t.r0) * ts + (x - t.c0)];
+  }
 }
 
 #endif  // ROILIB_COMMON_CUH

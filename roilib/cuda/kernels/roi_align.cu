@@ -131,10 +131,10 @@ __device__ void roi_align_box_reduce(long long n, const A* __restrict__ partial,
   extern "C" __global__ void roi_align_backward_tiles_##SUFFIX(                                                       \
       long long n, const T* __restrict__ grad_output, const A* __restrict__ rois, const int* __restrict__ lists,      \
       const int* __restrict__ cumsum, const int* __restrict__ winner, int K, int N, int C, int H, int W, int PH,      \
-      int PW, A scale, int sampling_ratio, int aligned, int mode, int ts, int TY, int TX,                             \
+      int PW, A scale, int sampling_ratio, int aligned, int mode, int ts, int cg, int TY, int TX,                             \
       A* __restrict__ grad_input) {                                                                                   \
     sampled_backward_tiles<T, A>(n, grad_output, rois, lists, cumsum, winner, K, C, H, W, PH, PW, ROILIB_ALIGN_BOX(A),   \
-                                 sampling_ratio, mode, ts, TY, TX, grad_input);                                       \
+                                 sampling_ratio, mode, ts, cg, TY, TX, grad_input);                                       \
   }                                                                                                                   \
   extern "C" __global__ void roi_align_box_partial_##SUFFIX(                                                          \
       long long n, const T* __restrict__ grad_output, const T* __restrict__ input, const A* __restrict__ rois, int N, \

@@ -136,7 +136,7 @@ __device__ void roi_pool_backward_tiles(long long n, const T* __restrict__ grad_
                                         const int* __restrict__ argmax, int K, int N, int C, int H, int W, int PH,
                                         int PW, A scale, int ts, int TY, int TX, A* __restrict__ grad_input) {
   ROILIB_FOR_EACH(i, n) {
-    TileItem t = tile_item(i, C, H, W, ts, TY, TX, K, cumsum);
+    TileItem t = tile_item(i, C, 1, H, W, ts, TY, TX, K, cumsum);
     int c = t.c, r0 = t.r0, r1 = t.r1, c0 = t.c0, c1 = t.c1;
     A acc[ROILIB_TILE * ROILIB_TILE];
     for (int p = 0; p < ts * ts; ++p) acc[p] = 0;

@@ -253,7 +253,7 @@ __device__ void warp_backward_tiles(long long n, const T* __restrict__ grad_outp
                                     int PW, A scale, int sampling_ratio, int ts, int TY, int TX,
                                     A* __restrict__ grad_input) {
   ROILIB_FOR_EACH(i, n) {
-    TileItem t = tile_item(i, C, H, W, ts, TY, TX, K, cumsum);
+    TileItem t = tile_item(i, C, 1, H, W, ts, TY, TX, K, cumsum);
     A acc[ROILIB_TILE * ROILIB_TILE];
     for (int p = 0; p < ts * ts; ++p) acc[p] = 0;
     for (int j = 0; j < t.count; ++j) {

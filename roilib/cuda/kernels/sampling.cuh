@@ -283,25 +283,33 @@ __device__ void samples_near(A start, A bin, int g, int P, int r0, int r1, long 
   *hi = last >= (A)(total - 1) ? total - 1 : (last < (A)0 ? -1 : (long long)last);
 }
 
-// Adds one sample's four corner weights to a tile's accumulator, keeping the corners
-// inside the tile (rows r0.., columns c0.., ts wide) and using scatter_sample's
-// arithmetic and corner order, so each pixel receives the very terms, in the very
-// order, that the atomic backward adds on the CPU.
+// Adds one sample's four corner weights, times each channel's gradient g[q], to the
+// tile accumulators acc + q * ts * ts of nc channels, keeping the corners inside the
+// tile (rows r0..r1, columns c0..c1). It uses scatter_sample's arithmetic and corner
+// order, so each pixel of each channel receives the very terms, in the very order,
+// that the atomic backward adds on the CPU.
 template <class A>
-__device__ __forceinline__ void add_to_tile(A* acc, int ts, int r0, int r1, int c0, int c1, const Tap<A>& ty,
-                                            const Tap<A>& tx, A g, A count) {
+__device__ __forceinline__ void add_to_tile(A* acc, int nc, int ts, int r0, int r1, int c0, int c1,
+                                            const Tap<A>& ty, const Tap<A>& tx, const A* g, A count) {
   if (!(ty.inside && tx.inside)) return;
   bool lo_row = ty.lo >= r0 && ty.lo <= r1, hi_row = ty.hi >= r0 && ty.hi <= r1;
   bool lo_col = tx.lo >= c0 && tx.lo <= c1, hi_col = tx.hi >= c0 && tx.hi <= c1;
-  if (lo_row && lo_col) acc[(ty.lo - r0) * ts + (tx.lo - c0)] += g * (ty.wlo * tx.wlo) / count;
-  if (lo_row && hi_col) acc[(ty.lo - r0) * ts + (tx.hi - c0)] += g * (ty.wlo * tx.whi) / count;
-  if (hi_row && lo_col) acc[(ty.hi - r0) * ts + (tx.lo - c0)] += g * (ty.whi * tx.wlo) / count;
-  if (hi_row && hi_col) acc[(ty.hi - r0) * ts + (tx.hi - c0)] += g * (ty.whi * tx.whi) / count;
+  int p1 = (ty.lo - r0) * ts + (tx.lo - c0), p2 = (ty.lo - r0) * ts + (tx.hi - c0);
+  int p3 = (ty.hi - r0) * ts + (tx.lo - c0), p4 = (ty.hi - r0) * ts + (tx.hi - c0);
+  A w1 = ty.wlo * tx.wlo, w2 = ty.wlo * tx.whi, w3 = ty.whi * tx.wlo, w4 = ty.whi * tx.whi;
+  for (int q = 0; q < nc; ++q) {
+    A* a = acc + q * ts * ts;
+    if (lo_row && lo_col) a[p1] += g[q] * w1 / count;
+    if (lo_row && hi_col) a[p2] += g[q] * w2 / count;
+    if (hi_row && lo_col) a[p3] += g[q] * w3 / count;
+    if (hi_row && hi_col) a[p4] += g[q] * w4 / count;
+  }
 }
 
 // Deterministic backward, step 3 (after tiles.cu has listed, per tile, the boxes whose
-// ranges meet it, in box order): one work item per (image b, channel c, tile) sums
-// into a private ts x ts accumulator, box by box from its list and, within a box, bin
+// ranges meet it, in box order): one work item per (image b, group of cg channels,
+// tile) sums into private ts x ts accumulators (one per channel; the channels share
+// the box geometry), box by box from its list and, within a box, bin
 // by bin and sample by sample, only the samples that can reach the tile
 // (samples_near). No atomics and a fixed order: bitwise identical run to run, and on
 // the CPU build equal to the atomic backward bit for bit. Every element of grad_input
@@ -312,13 +320,13 @@ template <class T, class A, class Box>
 __device__ void sampled_backward_tiles(long long n, const T* __restrict__ grad_output, const A* __restrict__ rois,
                                        const int* __restrict__ lists, const int* __restrict__ cumsum,
                                        const int* __restrict__ winner, int K, int C, int H, int W, int PH, int PW,
-                                       Box box, int sampling_ratio, int mode, int ts, int TY, int TX,
+                                       Box box, int sampling_ratio, int mode, int ts, int cg, int TY, int TX,
                                        A* __restrict__ grad_input) {
   ROILIB_FOR_EACH(i, n) {
-    TileItem t = tile_item(i, C, H, W, ts, TY, TX, K, cumsum);
-    int c = t.c, r0 = t.r0, r1 = t.r1, c0 = t.c0, c1 = t.c1;
-    A acc[ROILIB_TILE * ROILIB_TILE];
-    for (int p = 0; p < ts * ts; ++p) acc[p] = 0;
+    TileItem t = tile_item(i, C, cg, H, W, ts, TY, TX, K, cumsum);
+    int r0 = t.r0, r1 = t.r1, c0 = t.c0, c1 = t.c1;
+    A acc[ROILIB_TILE_CHANNELS * ROILIB_TILE * ROILIB_TILE];
+    for (int p = 0; p < t.nc * ts * ts; ++p) acc[p] = 0;
     for (int j = 0; j < t.count; ++j) {
       long long k = lists[t.list0 + j];
       SampleGrid<A> g = box.grid(rois + 5 * k, PH, PW, sampling_ratio);
@@ -326,33 +334,42 @@ __device__ void sampled_backward_tiles(long long n, const T* __restrict__ grad_o
       samples_near(g.y0, g.bin_h, g.gh, PH, r0, r1, &ylo, &yhi);
       samples_near(g.x0, g.bin_w, g.gw, PW, c0, c1, &xlo, &xhi);
       if (ylo > yhi || xlo > xhi) continue;
-      const T* go = grad_output + (k * C + c) * PH * PW;
+      long long out0 = (k * C + t.c) * PH * PW;  // channel q of the item at out0 + q * PH * PW
       int ph0 = (int)(ylo / g.gh), ph1 = (int)(yhi / g.gh), pw0 = (int)(xlo / g.gw), pw1 = (int)(xhi / g.gw);
-      // The x taps of the candidate columns serve every row of samples: compute them once
-      // when they fit (they are what the atomic version recomputes per sample).
-      Tap<A> xtaps[ROILIB_TAP_CACHE];
-      bool cached = mode != ROILIB_MAX && xhi - xlo < ROILIB_TAP_CACHE;
-      if (cached)
+      // The taps of the candidate rows and columns serve every bin and channel: compute
+      // them once when they fit (the atomic version recomputes them per sample).
+      Tap<A> xtaps[ROILIB_TAP_CACHE], ytaps[ROILIB_TAP_CACHE];
+      bool cached = xhi - xlo < ROILIB_TAP_CACHE && yhi - ylo < ROILIB_TAP_CACHE;
+      if (cached) {
         for (long long jx = xlo; jx <= xhi; ++jx) xtaps[jx - xlo] = tap_x(g, (int)(jx / g.gw), (int)(jx % g.gw), W);
+        for (long long jy = ylo; jy <= yhi; ++jy) ytaps[jy - ylo] = tap_y(g, (int)(jy / g.gh), (int)(jy % g.gh), H);
+      }
       for (int ph = ph0; ph <= ph1; ++ph) {
         for (int pw = pw0; pw <= pw1; ++pw) {
-          A grad = to_acc(go[ph * PW + pw]);
+          long long o = out0 + ph * PW + pw;
+          A grad[ROILIB_TILE_CHANNELS];
+          for (int q = 0; q < t.nc; ++q) grad[q] = to_acc(grad_output[o + (long long)q * PH * PW]);
           if (mode == ROILIB_MAX) {
-            int s = winner[(k * C + c) * PH * PW + ph * PW + pw];
-            if (s < 0) continue;
-            add_to_tile(acc, ts, r0, r1, c0, c1, tap_y(g, ph, s / g.gw, H), tap_x(g, pw, s % g.gw, W), grad,
-                        (A)1);
+            for (int q = 0; q < t.nc; ++q) {
+              int s = winner[o + (long long)q * PH * PW];
+              if (s < 0) continue;
+              long long jy = (long long)ph * g.gh + s / g.gw, jx = (long long)pw * g.gw + s % g.gw;
+              if (jy < ylo || jy > yhi || jx < xlo || jx > xhi) continue;  // cannot reach the tile
+              add_to_tile(acc + q * ts * ts, 1, ts, r0, r1, c0, c1,
+                          cached ? ytaps[jy - ylo] : tap_y(g, ph, s / g.gw, H),
+                          cached ? xtaps[jx - xlo] : tap_x(g, pw, s % g.gw, W), grad + q, (A)1);
+            }
             continue;
           }
           int iy0 = (int)(ylo - (long long)ph * g.gh), iy1 = (int)(yhi - (long long)ph * g.gh);
           long long jx0 = (long long)pw * g.gw;
           int ix0 = imax((int)(xlo - jx0), 0), ix1 = imin((int)(xhi - jx0), g.gw - 1);
           for (int iy = imax(iy0, 0); iy <= imin(iy1, g.gh - 1); ++iy) {
-            Tap<A> tyap = tap_y(g, ph, iy, H);
+            Tap<A> tyap = cached ? ytaps[(long long)ph * g.gh + iy - ylo] : tap_y(g, ph, iy, H);
             if (!tyap.inside || tyap.hi < r0 || tyap.lo > r1) continue;
             for (int ix = ix0; ix <= ix1; ++ix) {
               Tap<A> txap = cached ? xtaps[jx0 + ix - xlo] : tap_x(g, pw, ix, W);
-              add_to_tile(acc, ts, r0, r1, c0, c1, tyap, txap, grad, g.count);
+              add_to_tile(acc, t.nc, ts, r0, r1, c0, c1, tyap, txap, grad, g.count);
             }
           }
         }
