@@ -125,6 +125,8 @@ def _pair_eager(output_size: List[int]) -> List[int]:
         values = [_index(output_size, "output_size")] * 2
     else:
         try:
+            if isinstance(output_size, (str, bytes)):
+                raise TypeError
             items = list(output_size)
         except TypeError:
             raise TypeError(
@@ -170,8 +172,9 @@ def _as_rois(boxes: BoxesLike, input: Tensor) -> Tensor:
             for i, b in enumerate(boxes):
                 if not isinstance(b, Tensor):
                     raise TypeError(f"boxes[{i}] must be a tensor of shape (K_{i}, 4), got {type(b).__name__}")
+    # (shape checks are skipped while torch.jit.trace records: the op checks the values)
     if isinstance(boxes, Tensor):
-        if boxes.dim() != 2 or boxes.size(1) != 5:
+        if not torch.jit.is_tracing() and (boxes.dim() != 2 or boxes.size(1) != 5):
             raise ValueError(
                 f"boxes: a single tensor of rois must have shape (K, 5) [batch_index, x1, y1, x2, y2] "
                 f"(or pass a list of (K_i, 4) tensors), got shape {list(boxes.shape)}"
@@ -181,7 +184,7 @@ def _as_rois(boxes: BoxesLike, input: Tensor) -> Tensor:
         return input.new_zeros((0, 5))
     index: List[Tensor] = []
     for i, b in enumerate(boxes):
-        if b.dim() != 2 or b.size(1) != 4:
+        if not torch.jit.is_tracing() and (b.dim() != 2 or b.size(1) != 4):
             raise ValueError(f"boxes[{i}] must be a tensor of shape (K_{i}, 4), got shape {list(b.shape)}")
         index.append(torch.full_like(b[:, :1], float(i)))
     return torch.cat([torch.cat(index), torch.cat(boxes)], dim=1)
