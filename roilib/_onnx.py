@@ -64,13 +64,7 @@ def _coordinate_mode(aligned: bool) -> str:
 
 
 def _ts_roi_align(g, input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
-    from torch.onnx import symbolic_helper as sh
-
-    output_size = sh._maybe_get_const(output_size, "is")
-    spatial_scale = sh._maybe_get_const(spatial_scale, "f")
-    sampling_ratio = sh._maybe_get_const(sampling_ratio, "i")
-    aligned = sh._maybe_get_const(aligned, "b")
-    mode = sh._maybe_get_const(mode, "s")
+    """``roilib::roi_align`` -> ``RoiAlign`` (arguments after ``rois`` arrive as constants)."""
     if mode != "avg":
         raise OnnxExportError(_WHY["roi_align_max"])
     rois = g.op("CastLike", rois, input)
@@ -100,10 +94,7 @@ def _ts_roi_align_old_opset(g, *args):
 
 
 def _ts_roi_pool(g, input, rois, output_size, spatial_scale):
-    from torch.onnx import symbolic_helper as sh
-
-    output_size = sh._maybe_get_const(output_size, "is")
-    spatial_scale = sh._maybe_get_const(spatial_scale, "f")
+    """``roilib::roi_pool`` -> ``MaxRoiPool``."""
     return g.op(
         "MaxRoiPool",
         input,
@@ -129,11 +120,15 @@ def register_symbolics() -> None:
     if _registered:
         return
     from torch.onnx import register_custom_op_symbolic
+    from torch.onnx.symbolic_helper import parse_args
 
-    # CastLike (used for the rois' dtype) needs opset 15
+    # parse_args turns the traced constants into Python values: v(alue), i(nt)s, f(loat), ...
+    roi_align = parse_args("v", "v", "is", "f", "i", "b", "s")(_ts_roi_align)
+    roi_pool = parse_args("v", "v", "is", "f")(_ts_roi_pool)
     register_custom_op_symbolic("roilib::roi_align", _ts_roi_align_old_opset, 7)
-    register_custom_op_symbolic("roilib::roi_align", _ts_roi_align, ROI_ALIGN_OPSET)
-    register_custom_op_symbolic("roilib::roi_pool", _ts_roi_pool, 15)
+    register_custom_op_symbolic("roilib::roi_align", roi_align, ROI_ALIGN_OPSET)
+    # CastLike (the rois take the input's dtype, as in the op) needs opset 15
+    register_custom_op_symbolic("roilib::roi_pool", roi_pool, 15)
     register_custom_op_symbolic("roilib::roi_warp", _ts_unsupported("roi_warp"), 7)
     register_custom_op_symbolic("roilib::spp", _ts_unsupported("spp"), 7)
     _registered = True
