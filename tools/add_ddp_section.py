@@ -128,6 +128,19 @@ def execute(nb) -> None:
         nb, timeout=600, kernel_name="python3", record_timing=False, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
     )
     client.execute()
+    for cell in nb.cells:  # one stream output per name, however the kernel flushed them
+        if cell.cell_type == "code":
+            cell.outputs = _coalesce_streams(cell.outputs)
+
+
+def _coalesce_streams(outputs: list) -> list:
+    merged = []
+    for out in outputs:
+        if out.output_type == "stream" and merged and merged[-1].output_type == "stream" and merged[-1].name == out.name:
+            merged[-1].text += out.text
+        else:
+            merged.append(out)
+    return merged
 
 
 def main() -> None:
