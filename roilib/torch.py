@@ -150,6 +150,22 @@ def _pair(output_size: List[int]) -> List[int]:
     return _pair_eager(output_size)
 
 
+@torch.jit.unused
+def _traced_call(name: str, *args):
+    """Inside ``torch.fx`` tracing, a call with a ``Proxy`` argument becomes one graph node
+    that calls the public function ``name`` (a leaf, as ``torch.fx.wrap`` makes it);
+    otherwise ``None``.
+
+    ``torch.fx.wrap`` covers calls through this module's namespace (``rt.roi_align``,
+    the modules); this also covers a name imported into the caller's own module."""
+    tensors = list(args[:2]) + (list(args[1]) if isinstance(args[1], (list, tuple)) else [])
+    proxies = [a for a in tensors if isinstance(a, torch.fx.Proxy)]
+    if not proxies:
+        return None
+    # the function itself, not the stand-in torch.fx.wrap puts in this module's globals
+    return proxies[0].tracer.create_proxy("call_function", _FX_LEAVES[name], args, {})
+
+
 def _check_input(input: Tensor) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor of shape (N, C, H, W), got {type(input).__name__}")
@@ -326,6 +342,9 @@ def roi_align(
     Tensor, shape (K, C, PH, PW)
     """
     if not torch.jit.is_scripting():
+        traced = _traced_call("roi_align", input, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode)
+        if traced is not None:
+            return traced
         _check_input(input)
         if input.is_quantized:
             return _quantized_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode)
@@ -401,6 +420,9 @@ def roi_pool(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[int
     Tensor, shape (K, C, PH, PW)
     """
     if not torch.jit.is_scripting():
+        traced = _traced_call("roi_pool", input, boxes, output_size, spatial_scale)
+        if traced is not None:
+            return traced
         _check_input(input)
         _reject_quantized(input, "roi_pool")
         spatial_scale = _real(spatial_scale, "spatial_scale")
@@ -435,6 +457,9 @@ def roi_warp(
     Tensor, shape (K, C, PH, PW)
     """
     if not torch.jit.is_scripting():
+        traced = _traced_call("roi_warp", input, boxes, output_size, spatial_scale, sampling_ratio, mode)
+        if traced is not None:
+            return traced
         _check_input(input)
         _reject_quantized(input, "roi_warp")
         spatial_scale = _real(spatial_scale, "spatial_scale")
@@ -498,10 +523,17 @@ def spp(input: Tensor, levels: List[int] = (4, 2, 1), mode: str = "max") -> Tens
     Tensor, shape (N, C * sum(n * n for n in levels))
     """
     if not torch.jit.is_scripting():
+        traced = _traced_call("spp", input, levels, mode)
+        if traced is not None:
+            return traced
         _check_input(input)
         _reject_quantized(input, "spp")
         levels = _levels(levels)
     return torch.ops.roilib.spp(input, levels, mode)
+
+
+#: the public functions as defined (torch.fx.wrap swaps the module globals while tracing)
+_FX_LEAVES = {"roi_align": roi_align, "roi_pool": roi_pool, "roi_warp": roi_warp, "spp": spp}
 
 
 # ---------------------------------------------------------------------------- modules

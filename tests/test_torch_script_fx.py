@@ -146,6 +146,28 @@ def test_fx_symbolic_trace_keeps_roilib_ops_as_leaf_calls():
         torch.testing.assert_close(traced(x, per_image), model(x, in_order), rtol=0, atol=0)
 
 
+class _ImportedNames(torch.nn.Module):
+    """Calls the functions through names imported into this test module."""
+
+    def forward(self, x, rois):
+        return _imported_roi_pool(x, rois, 2, 0.5) + _imported_roi_align(x, rois, 2, 0.5, 2)
+
+
+from roilib.torch import roi_align as _imported_roi_align  # noqa: E402
+from roilib.torch import roi_pool as _imported_roi_pool  # noqa: E402
+
+
+def test_fx_symbolic_trace_through_names_imported_elsewhere():
+    # torch.fx.wrap patches roilib.torch's own namespace only; a Proxy argument makes
+    # the function record itself as a leaf however it was imported
+    x, rois, *_ = _problem()
+    traced = torch.fx.symbolic_trace(_ImportedNames())
+    targets = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    assert rt.roi_align in targets and rt.roi_pool in targets
+    expected = roilib.roi_pool(x.numpy(), rois.numpy(), 2, 0.5) + roilib.roi_align(x.numpy(), rois.numpy(), 2, 0.5, 2)
+    np.testing.assert_array_equal(traced(x, rois).numpy(), expected)
+
+
 def test_torchvision_feature_extraction_sees_roilib_nodes():
     feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
     model = _Head()
