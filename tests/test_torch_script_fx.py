@@ -99,6 +99,14 @@ def test_scripted_roi_align_backpropagates_into_input_and_boxes():
         torch.testing.assert_close(got, t.grad, rtol=0, atol=0)
 
 
+def test_traced_module_replays_with_new_values():
+    # torch.jit.trace records the op; a traced model runs on other features and boxes
+    x, rois, *_ = _problem()
+    x2, rois2, *_ = _problem(5)
+    traced = torch.jit.trace(rt.RoIAlign((2, 3), 0.5, -1, True), (x, rois))
+    np.testing.assert_array_equal(traced(x2, rois2).numpy(), roilib.roi_align(x2.numpy(), rois2.numpy(), (2, 3), 0.5, -1, True))
+
+
 def test_scripted_function_rejects_bad_boxes_with_a_clear_error():
     x, rois, *_ = _problem()
     scripted = torch.jit.script(rt.roi_align)
