@@ -181,8 +181,22 @@ def test_a_model_with_roilib_modules_round_trips(tmp_path, dynamo):
     with torch.no_grad():
         expected = model(x, rois).numpy()
     assert np.abs(got - expected).max() <= 10 * TOL
-    # a different number of boxes runs through the same graph only if K is dynamic;
-    # the exporters fix it at the example's K unless asked, as for torchvision's ops
+
+
+def test_the_number_of_boxes_can_be_a_dynamic_axis(tmp_path):
+    x, rois = _problem(4, n_boxes=8)
+    model = _Head().eval()
+    path = tmp_path / "dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (x, rois), str(path), dynamo=False, input_names=["x", "rois"], dynamic_axes={"rois": {0: "K"}}
+        )
+    for k in (8, 3, 1):
+        (got,) = _run_onnxruntime(path, (x, rois[:k]))
+        with torch.no_grad():
+            expected = model(x, rois[:k]).numpy()
+        assert got.shape == expected.shape and np.abs(got - expected).max() <= 10 * TOL
 
 
 def test_per_image_boxes_export(tmp_path):
