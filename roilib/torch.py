@@ -16,6 +16,7 @@ set to ``False``.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from typing import List, Sequence, Tuple, Union
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.jit.annotations import BroadcastingList2
 
-from . import reference
+from . import _validate, reference
 
 __all__ = [
     "roi_align",
@@ -108,11 +109,16 @@ def _index(value, name: str) -> int:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
 
 
-def _real(value, name: str) -> float:
-    """``value`` as a Python float (accepts NumPy scalars and Python numbers)."""
+def _spatial_scale(value) -> float:
+    """``spatial_scale`` as a positive finite Python float (NumPy scalars welcome).
+
+    Checked with :mod:`math`, not NumPy, so that ``torch.compile`` traces it as constants."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    return float(value)
+        raise TypeError(f"spatial_scale must be a real number (1 / stride), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"spatial_scale must be positive and finite (1 / stride), got {value!r}")
+    return value
 
 
 @torch.jit.unused
@@ -348,9 +354,10 @@ def roi_align(
         _check_input(input)
         if input.is_quantized:
             return _quantized_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode)
-        spatial_scale = _real(spatial_scale, "spatial_scale")
-        sampling_ratio = _index(sampling_ratio, "sampling_ratio")
-        aligned = bool(aligned)
+        spatial_scale = _spatial_scale(spatial_scale)
+        sampling_ratio = _validate.check_sampling_ratio(sampling_ratio)
+        aligned = _validate.check_aligned(aligned)
+        mode = _validate.check_mode(mode)
     rois = _as_rois(boxes, input)
     return torch.ops.roilib.roi_align(input, rois, _pair(output_size), spatial_scale, sampling_ratio, aligned, mode)
 
@@ -425,7 +432,7 @@ def roi_pool(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[int
             return traced
         _check_input(input)
         _reject_quantized(input, "roi_pool")
-        spatial_scale = _real(spatial_scale, "spatial_scale")
+        spatial_scale = _spatial_scale(spatial_scale)
     rois = _as_rois(boxes, input)
     return torch.ops.roilib.roi_pool(input, rois, _pair(output_size), spatial_scale)
 
@@ -462,8 +469,9 @@ def roi_warp(
             return traced
         _check_input(input)
         _reject_quantized(input, "roi_warp")
-        spatial_scale = _real(spatial_scale, "spatial_scale")
-        sampling_ratio = _index(sampling_ratio, "sampling_ratio")
+        spatial_scale = _spatial_scale(spatial_scale)
+        sampling_ratio = _validate.check_sampling_ratio(sampling_ratio)
+        mode = _validate.check_mode(mode)
     rois = _as_rois(boxes, input)
     return torch.ops.roilib.roi_warp(input, rois, _pair(output_size), spatial_scale, sampling_ratio, mode)
 
@@ -529,6 +537,7 @@ def spp(input: Tensor, levels: List[int] = (4, 2, 1), mode: str = "max") -> Tens
         _check_input(input)
         _reject_quantized(input, "spp")
         levels = _levels(levels)
+        mode = _validate.check_mode(mode)
     return torch.ops.roilib.spp(input, levels, mode)
 
 
@@ -566,9 +575,9 @@ class RoIAlign(nn.Module):
     def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False, mode: str = "avg"):
         super().__init__()
         self.output_size = _size_attribute(output_size)
-        self.spatial_scale = _real(spatial_scale, "spatial_scale")
-        self.sampling_ratio = _index(sampling_ratio, "sampling_ratio")
-        self.aligned, self.mode = bool(aligned), str(mode)
+        self.spatial_scale = _spatial_scale(spatial_scale)
+        self.sampling_ratio = _validate.check_sampling_ratio(sampling_ratio)
+        self.aligned, self.mode = _validate.check_aligned(aligned), _validate.check_mode(mode)
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned, self.mode)
@@ -592,7 +601,7 @@ class RoIPool(nn.Module):
     def __init__(self, output_size, spatial_scale: float):
         super().__init__()
         self.output_size = _size_attribute(output_size)
-        self.spatial_scale = _real(spatial_scale, "spatial_scale")
+        self.spatial_scale = _spatial_scale(spatial_scale)
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
         return roi_pool(input, rois, self.output_size, self.spatial_scale)
@@ -615,8 +624,9 @@ class RoIWarp(nn.Module):
     def __init__(self, output_size, spatial_scale: float, sampling_ratio: int = 2, mode: str = "max"):
         super().__init__()
         self.output_size = _size_attribute(output_size)
-        self.spatial_scale = _real(spatial_scale, "spatial_scale")
-        self.sampling_ratio, self.mode = _index(sampling_ratio, "sampling_ratio"), str(mode)
+        self.spatial_scale = _spatial_scale(spatial_scale)
+        self.sampling_ratio = _validate.check_sampling_ratio(sampling_ratio)
+        self.mode = _validate.check_mode(mode)
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
         return roi_warp(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.mode)
@@ -637,7 +647,7 @@ class SPP(nn.Module):
     def __init__(self, levels: Sequence[int] = (4, 2, 1), mode: str = "max"):
         super().__init__()
         self.levels: List[int] = _levels(levels)
-        self.mode = str(mode)
+        self.mode = _validate.check_mode(mode)
 
     def forward(self, input: Tensor) -> Tensor:
         return spp(input, self.levels, self.mode)

@@ -238,7 +238,7 @@ def test_bad_output_size_raises_a_clear_error(output_size, error, message):
 
 def test_bad_scalars_and_boxes_raise_clear_errors():
     x, rois, *_ = _problem()
-    with pytest.raises(TypeError, match="sampling_ratio must be an integer"):
+    with pytest.raises(TypeError, match="sampling_ratio must be an int"):
         rt.roi_align(x, rois, 2, 1.0, 2.5)
     with pytest.raises(TypeError, match="spatial_scale must be a real number"):
         rt.roi_pool(x, rois, 2, "0.5")
