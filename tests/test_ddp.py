@@ -82,6 +82,10 @@ def _worker(rank, store_path, out_dir):
         grads = train(model, images[mine], boxes[mine], labels[mine])
         params = {name: p.detach().clone() for name, p in model.module.named_parameters()}
         torch.save({"grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # free DDP's reducer while the process group is registered: a reducer that holds
+        # the group's last reference destroys it holding the GIL, which can deadlock with
+        # gloo's worker thread
+        del model
     finally:
         dist.destroy_process_group()
 

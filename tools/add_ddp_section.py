@@ -73,6 +73,7 @@ def ddp_step(rank, store, out):
     loss.backward()                      # DDP averages the gradients here
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
+    del model                            # DDP's reducer goes before its process group
     dist.destroy_process_group()
 
 
