@@ -24,21 +24,37 @@ float32 and return the input's dtype.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
+import operator
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
-from . import reference
+from . import _validate, reference
 
-__all__ = ["roi_align", "roi_pool", "roi_warp", "spp", "RoIAlign", "RoIPool", "RoIWarp", "SPP", "DETERMINISTIC"]
+__all__ = [
+    "roi_align",
+    "roi_pool",
+    "roi_warp",
+    "spp",
+    "RoIAlign",
+    "RoIPool",
+    "RoIWarp",
+    "SPP",
+    "DETERMINISTIC",
+    "onnx_translations",
+]
 
 #: CUDA input gradients: ``None`` follows ``torch.are_deterministic_algorithms_enabled()``
 #: (as torchvision does); ``True``/``False`` force the deterministic/atomic backward
 DETERMINISTIC: Optional[bool] = None
 
-BoxesLike = Union[Tensor, Sequence[Tensor]]
+#: torchvision's two box formats; ``List`` (not ``Sequence``) so that TorchScript accepts it
+BoxesLike = Union[Tensor, List[Tensor]]
 
 
 # ----------------------------------------------------------------------------- backends
@@ -150,25 +166,169 @@ def _run(name: str, tensors: Tuple[Tensor, ...], *args) -> Tensor:
     return out.to(narrow) if narrow is not None and out.is_floating_point() else out
 
 
-def _pair(output_size) -> List[int]:
-    if isinstance(output_size, int):
-        return [output_size, output_size]
-    return [int(v) for v in output_size]
+# ------------------------------------------------------------- argument normalisation
+#
+# The public functions below are written in the subset of Python that TorchScript
+# compiles. Eager-only conveniences (NumPy scalars, tuples of boxes, quantized tensors)
+# sit under ``if not torch.jit.is_scripting():``, a branch TorchScript does not compile.
+
+
+def _index(value, name: str) -> int:
+    """``value`` as a Python int; accepts NumPy and 0-d tensor integers, rejects
+    floats and bools (``operator.index`` semantics)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
+def _spatial_scale(value) -> float:
+    """``spatial_scale`` as a positive finite Python float (NumPy scalars welcome).
+
+    Checked with :mod:`math`, not NumPy, so that ``torch.compile`` traces it as constants."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"spatial_scale must be a real number (1 / stride), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"spatial_scale must be positive and finite (1 / stride), got {value!r}")
+    return value
+
+
+@torch.jit.unused
+def _pair_eager(output_size: List[int]) -> List[int]:
+    """Eager-mode ``output_size`` (an integer or a pair; NumPy integers welcome) ->
+    ``[h, w]`` of positive Python ints."""
+    if isinstance(output_size, (numbers.Integral, np.integer)) or (
+        isinstance(output_size, (np.ndarray, Tensor)) and output_size.ndim == 0
+    ):
+        values = [_index(output_size, "output_size")] * 2
+    else:
+        try:
+            if isinstance(output_size, (str, bytes)):
+                raise TypeError
+            items = list(output_size)
+        except TypeError:
+            raise TypeError(
+                f"output_size must be an integer or a pair of integers (h, w), got {type(output_size).__name__}"
+            ) from None
+        if len(items) != 2:
+            raise ValueError(f"output_size must be an integer or a pair of integers (h, w), got {len(items)} values")
+        values = [_index(v, "output_size") for v in items]
+    if min(values) < 1:
+        raise ValueError(f"output_size must be positive, got {tuple(values)}")
+    return values
+
+
+def _pair(output_size: List[int]) -> List[int]:
+    """``output_size`` -> ``[h, w]``. Under TorchScript a ``BroadcastingList2[int]``
+    argument already arrives as a list of two ints (an int is repeated)."""
+    if torch.jit.is_scripting():
+        if len(output_size) != 2 or min(output_size) < 1:
+            raise ValueError("output_size must be a positive integer or a pair of positive integers (h, w)")
+        return output_size
+    return _pair_eager(output_size)
+
+
+@torch.jit.unused
+def _traced_call(name: str, *args):
+    """Inside ``torch.fx`` tracing, a call with a ``Proxy`` argument becomes one graph node
+    that calls the public function ``name`` (a leaf, as ``torch.fx.wrap`` makes it);
+    otherwise ``None``.
+
+    ``torch.fx.wrap`` covers calls through this module's namespace (``rt.roi_align``,
+    the modules); this also covers a name imported into the caller's own module."""
+    tensors = list(args[:2]) + (list(args[1]) if isinstance(args[1], (list, tuple)) else [])
+    proxies = [a for a in tensors if isinstance(a, torch.fx.Proxy)]
+    if not proxies:
+        return None
+    # the function itself, not the stand-in torch.fx.wrap puts in this module's globals
+    return proxies[0].tracer.create_proxy("call_function", _FX_LEAVES[name], args, {})
+
+
+def _check_input(input: Tensor) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor of shape (N, C, H, W), got {type(input).__name__}")
 
 
 def _as_rois(boxes: BoxesLike, input: Tensor) -> Tensor:
-    """torchvision's two box formats -> one ``(K, 5)`` tensor (keeps autograd)."""
-    if isinstance(boxes, (list, tuple)):
-        for i, b in enumerate(boxes):
-            if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
-                raise ValueError(f"boxes[{i}] must be a tensor of shape (K_{i}, 4)")
-        if not boxes:
-            return input.new_zeros((0, 5))
-        index = torch.cat([torch.full((b.shape[0], 1), float(i), dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
-        return torch.cat([index, torch.cat(list(boxes))], dim=1)
-    if not isinstance(boxes, Tensor):
-        raise TypeError(f"boxes must be a (K, 5) tensor or a list of (K_i, 4) tensors, got {type(boxes).__name__}")
-    return boxes
+    """torchvision's two box formats -> one ``(K, 5)`` tensor (keeps autograd).
+
+    A ``(K, 5)`` tensor ``[batch_index, x1, y1, x2, y2]`` passes through; a list (or,
+    in eager mode, a tuple) of per-image ``(K_i, 4)`` tensors gets batch index ``i``.
+    """
+    if not torch.jit.is_scripting():
+        if isinstance(boxes, tuple):
+            boxes = list(boxes)
+        if not isinstance(boxes, (Tensor, list)):
+            raise TypeError(
+                f"boxes must be a (K, 5) tensor or a list of (K_i, 4) tensors, got {type(boxes).__name__}"
+            )
+        if isinstance(boxes, list):
+            for i, b in enumerate(boxes):
+                if not isinstance(b, Tensor):
+                    raise TypeError(f"boxes[{i}] must be a tensor of shape (K_{i}, 4), got {type(b).__name__}")
+    # (shape checks are skipped while torch.jit.trace records: the op checks the values)
+    if isinstance(boxes, Tensor):
+        if not torch.jit.is_tracing() and (boxes.dim() != 2 or boxes.size(1) != 5):
+            raise ValueError(
+                f"boxes: a single tensor of rois must have shape (K, 5) [batch_index, x1, y1, x2, y2] "
+                f"(or pass a list of (K_i, 4) tensors), got shape {list(boxes.shape)}"
+            )
+        return boxes
+    if len(boxes) == 0:
+        return input.new_zeros((0, 5))
+    index: List[Tensor] = []
+    for i, b in enumerate(boxes):
+        if not torch.jit.is_tracing() and (b.dim() != 2 or b.size(1) != 4):
+            raise ValueError(f"boxes[{i}] must be a tensor of shape (K_{i}, 4), got shape {list(b.shape)}")
+        index.append(torch.full_like(b[:, :1], float(i)))
+    return torch.cat([torch.cat(index), torch.cat(boxes)], dim=1)
+
+
+@torch.jit.unused
+def _levels(levels: List[int]) -> List[int]:
+    """Eager-mode SPP ``levels`` (a sequence of positive integers) -> list of Python ints."""
+    if isinstance(levels, (numbers.Integral, np.integer, str)):
+        raise TypeError(f"levels must be a sequence of integers such as (4, 2, 1), got {levels!r}")
+    values = [_index(n, "levels") for n in levels]
+    if not values or min(values) < 1:
+        raise ValueError(f"levels must be a non-empty sequence of positive integers, got {tuple(values)}")
+    return values
+
+
+@torch.jit.unused
+def _quantized_roi_align(
+    input: Tensor,
+    boxes: BoxesLike,
+    output_size: List[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    mode: str,
+) -> Tensor:
+    """RoIAlign of a per-tensor quantized ``input`` (quint8, qint8, qint32), as
+    torchvision's quantized RoIAlign defines it: the dequantized values are pooled in
+    float32 and the result is quantized with the input's scale and zero point. Boxes
+    may be quantized (dequantized first) or floating point."""
+    if input.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        raise TypeError(f"a quantized input must be quantized per tensor, got qscheme {input.qscheme()}")
+
+    def dequantize(b):
+        return b.dequantize() if isinstance(b, Tensor) and b.is_quantized else b
+
+    boxes = [dequantize(b) for b in boxes] if isinstance(boxes, (list, tuple)) else dequantize(boxes)
+    out = roi_align(input.dequantize(), boxes, output_size, spatial_scale, sampling_ratio, aligned, mode)
+    return torch.quantize_per_tensor(out, input.q_scale(), input.q_zero_point(), input.dtype)
+
+
+def _reject_quantized(input: Tensor, op: str) -> None:
+    if input.is_quantized:
+        raise TypeError(
+            f"{op} does not take a quantized input (like torchvision, roilib supports quantized tensors "
+            f"in roi_align only); pass input.dequantize()"
+        )
 
 
 # ------------------------------------------------------------------------ RoIAlign op
@@ -227,10 +387,11 @@ def _register_backward(op, input_backward, rois_backward=None):
 _register_backward(_roi_align, _roi_align_backward, _roi_align_rois_backward)
 
 
+@torch.fx.wrap
 def roi_align(
     input: Tensor,
     boxes: BoxesLike,
-    output_size,
+    output_size: BroadcastingList2[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
@@ -239,13 +400,21 @@ def roi_align(
     """RoIAlign, as ``torchvision.ops.roi_align`` (plus ``mode``), differentiable in
     ``input`` and in the box coordinates.
 
+    Works in eager mode, under ``torch.compile``, ``torch.jit.script``/``trace`` and
+    ``torch.fx.symbolic_trace`` (a leaf call, as torchvision's), and exports to ONNX
+    ``RoiAlign`` (``mode="avg"``; see :func:`onnx_translations`).
+
     Parameters
     ----------
     input : Tensor, shape (N, C, H, W)
+        Floating point, or (eager mode) quantized per tensor: then it is dequantized,
+        pooled in float32 and quantized again with its scale and zero point.
     boxes : Tensor (K, 5) ``[batch_index, x1, y1, x2, y2]`` or list of (K_i, 4) Tensors
     output_size : int or (int, int)
+        Python or NumPy integers.
     spatial_scale : float
     sampling_ratio : int
+        Samples per bin and axis; ``<= 0`` is adaptive (``ceil(roi_size / output_size)``).
     aligned : bool
     mode : {"avg", "max"}
 
@@ -253,7 +422,19 @@ def roi_align(
     -------
     Tensor, shape (K, C, PH, PW)
     """
-    return _roi_align(input, _as_rois(boxes, input), _pair(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned), mode)
+    if not torch.jit.is_scripting():
+        traced = _traced_call("roi_align", input, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode)
+        if traced is not None:
+            return traced
+        _check_input(input)
+        if input.is_quantized:
+            return _quantized_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode)
+        spatial_scale = _spatial_scale(spatial_scale)
+        sampling_ratio = _validate.check_sampling_ratio(sampling_ratio)
+        aligned = _validate.check_aligned(aligned)
+        mode = _validate.check_mode(mode)
+    rois = _as_rois(boxes, input)
+    return torch.ops.roilib.roi_align(input, rois, _pair(output_size), spatial_scale, sampling_ratio, aligned, mode)
 
 
 # ------------------------------------------------------------ RoIPool and RoIWarp ops
@@ -314,26 +495,73 @@ _register_backward(_roi_pool, _roi_pool_backward)
 _register_backward(_roi_warp, _roi_warp_backward, _roi_warp_rois_backward)
 
 
-def roi_pool(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0) -> Tensor:
+@torch.fx.wrap
+def roi_pool(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[int], spatial_scale: float = 1.0) -> Tensor:
     """RoIPool, as ``torchvision.ops.roi_pool``; differentiable in ``input``.
+
+    Exports to ONNX ``MaxRoiPool``.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, H, W)
+    boxes : Tensor (K, 5) ``[batch_index, x1, y1, x2, y2]`` or list of (K_i, 4) Tensors
+    output_size : int or (int, int)
+    spatial_scale : float
 
     Returns
     -------
     Tensor, shape (K, C, PH, PW)
     """
-    return _roi_pool(input, _as_rois(boxes, input), _pair(output_size), float(spatial_scale))
+    if not torch.jit.is_scripting():
+        traced = _traced_call("roi_pool", input, boxes, output_size, spatial_scale)
+        if traced is not None:
+            return traced
+        _check_input(input)
+        _reject_quantized(input, "roi_pool")
+        spatial_scale = _spatial_scale(spatial_scale)
+    rois = _as_rois(boxes, input)
+    return torch.ops.roilib.roi_pool(input, rois, _pair(output_size), spatial_scale)
 
 
-def roi_warp(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1, mode: str = "max") -> Tensor:
+@torch.fx.wrap
+def roi_warp(
+    input: Tensor,
+    boxes: BoxesLike,
+    output_size: BroadcastingList2[int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    mode: str = "max",
+) -> Tensor:
     """RoIWarp, MNC's RoI warping layer; differentiable in ``input`` and, as in MNC, in
     the box coordinates (the rounding of the corners taken as the identity; see
     :func:`roilib.roi_warp_rois_backward`).
 
+    ONNX has no equivalent: exporting it raises an error.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, H, W)
+    boxes : Tensor (K, 5) ``[batch_index, x1, y1, x2, y2]`` or list of (K_i, 4) Tensors
+    output_size : int or (int, int)
+    spatial_scale : float
+    sampling_ratio : int
+    mode : {"max", "avg"}
+
     Returns
     -------
     Tensor, shape (K, C, PH, PW)
     """
-    return _roi_warp(input, _as_rois(boxes, input), _pair(output_size), float(spatial_scale), int(sampling_ratio), mode)
+    if not torch.jit.is_scripting():
+        traced = _traced_call("roi_warp", input, boxes, output_size, spatial_scale, sampling_ratio, mode)
+        if traced is not None:
+            return traced
+        _check_input(input)
+        _reject_quantized(input, "roi_warp")
+        spatial_scale = _spatial_scale(spatial_scale)
+        sampling_ratio = _validate.check_sampling_ratio(sampling_ratio)
+        mode = _validate.check_mode(mode)
+    rois = _as_rois(boxes, input)
+    return torch.ops.roilib.roi_warp(input, rois, _pair(output_size), spatial_scale, sampling_ratio, mode)
 
 
 # ------------------------------------------------------------------------------ SPP op
@@ -373,14 +601,36 @@ def _spp_backward_rule(ctx, grad):
 _spp.register_autograd(_spp_backward_rule, setup_context=_spp_setup)
 
 
-def spp(input: Tensor, levels: Sequence[int] = (4, 2, 1), mode: str = "max") -> Tensor:
+@torch.fx.wrap
+def spp(input: Tensor, levels: List[int] = (4, 2, 1), mode: str = "max") -> Tensor:
     """Spatial pyramid pooling of whole maps; differentiable in ``input``.
+
+    ONNX has no equivalent: exporting it raises an error.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, H, W)
+    levels : sequence of int
+        Bins per axis of each pyramid level, coarse to fine as given.
+    mode : {"max", "avg"}
 
     Returns
     -------
     Tensor, shape (N, C * sum(n * n for n in levels))
     """
-    return _spp(input, [int(n) for n in levels], mode)
+    if not torch.jit.is_scripting():
+        traced = _traced_call("spp", input, levels, mode)
+        if traced is not None:
+            return traced
+        _check_input(input)
+        _reject_quantized(input, "spp")
+        levels = _levels(levels)
+        mode = _validate.check_mode(mode)
+    return torch.ops.roilib.spp(input, levels, mode)
+
+
+#: the public functions as defined (torch.fx.wrap swaps the module globals while tracing)
+_FX_LEAVES = {"roi_align": roi_align, "roi_pool": roi_pool, "roi_warp": roi_warp, "spp": spp}
 
 
 # --------------------------------------------------------------------------- autocast
@@ -415,15 +665,38 @@ for _name in ("roi_align", "roi_pool", "roi_warp", "spp"):
 
 
 # ---------------------------------------------------------------------------- modules
+#
+# Constructor arguments are stored as plain Python values (an int or a tuple of ints for
+# ``output_size``, a list for ``levels``), so that ``torch.jit.script`` can type the
+# module's attributes even when they were given as NumPy scalars.
+
+
+def _size_attribute(output_size) -> Union[int, Tuple[int, int]]:
+    """``output_size`` as given (int or pair), converted to Python ints and checked."""
+    h, w = _pair_eager(output_size)
+    if isinstance(output_size, (numbers.Integral, np.integer)):
+        return h
+    return (h, w)
 
 
 class RoIAlign(nn.Module):
-    """``nn.Module`` form of :func:`roi_align` (same arguments as torchvision's)."""
+    """``nn.Module`` form of :func:`roi_align` (same arguments as torchvision's, plus ``mode``).
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+    spatial_scale : float
+    sampling_ratio : int
+    aligned : bool, default False
+    mode : {"avg", "max"}, default "avg"
+    """
 
     def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False, mode: str = "avg"):
         super().__init__()
-        self.output_size, self.spatial_scale = output_size, spatial_scale
-        self.sampling_ratio, self.aligned, self.mode = sampling_ratio, aligned, mode
+        self.output_size = _size_attribute(output_size)
+        self.spatial_scale = _spatial_scale(spatial_scale)
+        self.sampling_ratio = _validate.check_sampling_ratio(sampling_ratio)
+        self.aligned, self.mode = _validate.check_aligned(aligned), _validate.check_mode(mode)
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned, self.mode)
@@ -436,11 +709,18 @@ class RoIAlign(nn.Module):
 
 
 class RoIPool(nn.Module):
-    """``nn.Module`` form of :func:`roi_pool` (same arguments as torchvision's)."""
+    """``nn.Module`` form of :func:`roi_pool` (same arguments as torchvision's).
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+    spatial_scale : float
+    """
 
     def __init__(self, output_size, spatial_scale: float):
         super().__init__()
-        self.output_size, self.spatial_scale = output_size, spatial_scale
+        self.output_size = _size_attribute(output_size)
+        self.spatial_scale = _spatial_scale(spatial_scale)
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
         return roi_pool(input, rois, self.output_size, self.spatial_scale)
@@ -450,12 +730,22 @@ class RoIPool(nn.Module):
 
 
 class RoIWarp(nn.Module):
-    """``nn.Module`` form of :func:`roi_warp`."""
+    """``nn.Module`` form of :func:`roi_warp`.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+    spatial_scale : float
+    sampling_ratio : int, default -1 (MNC's adaptive step)
+    mode : {"max"}, default "max" (MNC's layer takes the largest sample)
+    """
 
     def __init__(self, output_size, spatial_scale: float, sampling_ratio: int = -1, mode: str = "max"):
         super().__init__()
-        self.output_size, self.spatial_scale = output_size, spatial_scale
-        self.sampling_ratio, self.mode = sampling_ratio, mode
+        self.output_size = _size_attribute(output_size)
+        self.spatial_scale = _spatial_scale(spatial_scale)
+        self.sampling_ratio = _validate.check_sampling_ratio(sampling_ratio)
+        self.mode = _validate.check_mode(mode)
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
         return roi_warp(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.mode)
@@ -465,14 +755,54 @@ class RoIWarp(nn.Module):
 
 
 class SPP(nn.Module):
-    """``nn.Module`` form of :func:`spp`."""
+    """``nn.Module`` form of :func:`spp`.
+
+    Parameters
+    ----------
+    levels : sequence of int, default (4, 2, 1)
+    mode : {"max", "avg"}, default "max"
+    """
 
     def __init__(self, levels: Sequence[int] = (4, 2, 1), mode: str = "max"):
         super().__init__()
-        self.levels, self.mode = tuple(levels), mode
+        self.levels: List[int] = _levels(levels)
+        self.mode = _validate.check_mode(mode)
 
     def forward(self, input: Tensor) -> Tensor:
         return spp(input, self.levels, self.mode)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, mode={self.mode!r}"
+        return f"levels={tuple(self.levels)}, mode={self.mode!r}"
+
+
+# -------------------------------------------------------------------------------- ONNX
+
+
+def onnx_translations() -> dict:
+    """The ONNX translations of roilib's ops for the dynamo-based exporter.
+
+    Pass the result as ``torch.onnx.export(..., dynamo=True,
+    custom_translation_table=roilib.torch.onnx_translations())``. RoIAlign
+    (``mode="avg"``) becomes ONNX ``RoiAlign`` (opset 16 or later) and RoIPool
+    ``MaxRoiPool``; max-mode RoIAlign, RoIWarp and SPP raise an error at export, since
+    ONNX has no operator that computes them. The TorchScript-based exporter
+    (``dynamo=False``) needs no extra step: importing :mod:`roilib.torch` registers
+    the same mapping with it. Needs ``onnxscript``.
+
+    Returns
+    -------
+    dict
+        ``{torch op overload: translation function}``.
+    """
+    from . import _onnx
+
+    return _onnx.translations()
+
+
+def _register_onnx_symbolics() -> None:
+    from . import _onnx
+
+    _onnx.register_symbolics()
+
+
+_register_onnx_symbolics()
