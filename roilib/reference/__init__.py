@@ -23,3 +23,14 @@ __all__ = [
     "roi_warp",
     "roi_warp_backward",
 ]
+
+from .prroi_pool import prroi_pool, prroi_pool_backward, prroi_pool_rois_backward  # noqa: E402
+from .roi_align_rotated import roi_align_rotated, roi_align_rotated_backward  # noqa: E402
+
+__all__ += [
+    "roi_align_rotated",
+    "roi_align_rotated_backward",
+    "prroi_pool",
+    "prroi_pool_backward",
+    "prroi_pool_rois_backward",
+]
