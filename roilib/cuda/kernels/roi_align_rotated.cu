@@ -1,0 +1,146 @@
+// roi_align_rotated.cu: rotated RoIAlign (detectron2's ROIAlignRotated) forward and
+// backward (input gradient, with atomics).
+//
+// Boxes are (K, 6) rows [batch, cx, cy, w, h, angle_degrees]. RoIAlign's grid is laid out
+// in the box's frame (centred on the origin) and rotated counter-clockwise about the
+// centre: y = yy cos - xx sin + cy, x = yy sin + xx cos + cx. The geometry is
+// roilib/geometry_rotated.py, operation for operation; the bilinear read and its
+// out-of-range rules are RoIAlign's (make_tap in sampling.cuh).
+#include "sampling.cuh"
+
+// pi / 180 in double, the same double NumPy's np.pi / 180.0 gives
+#define ROILIB_DEG2RAD (3.14159265358979323846 / 180.0)
+
+// One rotated box on the feature map.
+template <class A>
+struct RotatedGrid {
+  long long batch;
+  A cx, cy;              // centre (minus half a pixel when aligned)
+  A cos_t, sin_t;        // of the angle: computed in double, rounded to A
+  A start_h, start_w;    // -h/2, -w/2: the box frame's first edge
+  A bin_h, bin_w;        // bin size
+  int gh, gw;            // samples per bin and axis (0: no samples)
+  A count;               // max(gh * gw, 1)
+};
+
+template <class A>
+__device__ RotatedGrid<A> rotated_grid(const A* __restrict__ roi, A scale, long long PH, long long PW,
+                                       int sampling_ratio, bool aligned) {
+  RotatedGrid<A> g;
+  g.batch = (long long)roi[0];
+  A off = aligned ? (A)0.5 : (A)0;
+  g.cx = roi[1] * scale - off;
+  g.cy = roi[2] * scale - off;
+  A w = roi[3] * scale;
+  A h = roi[4] * scale;
+  if (!aligned) {  // mmcv's legacy option: malformed boxes become at least 1 x 1
+    if (w < (A)1) w = 1;
+    if (h < (A)1) h = 1;
+  }
+  double theta = (double)roi[5] * ROILIB_DEG2RAD;
+  g.cos_t = (A)cos(theta);
+  g.sin_t = (A)sin(theta);
+  g.bin_h = h / (A)PH;
+  g.bin_w = w / (A)PW;
+  const int cap = 1 << 20;  // keeps the int conversion defined for absurd boxes
+  g.gh = sampling_ratio > 0 ? sampling_ratio : clamp_to_int(ceil(h / (A)PH), 0, cap);
+  g.gw = sampling_ratio > 0 ? sampling_ratio : clamp_to_int(ceil(w / (A)PW), 0, cap);
+  long long count = (long long)g.gh * g.gw;
+  g.count = (A)(count > 1 ? count : 1);
+  g.start_h = -h / (A)2;
+  g.start_w = -w / (A)2;
+  return g;
+}
+
+// Sample (iy, ix) of bin (ph, pw) on the map: taps along y and x.
+template <class A>
+__device__ __forceinline__ void rotated_taps(const RotatedGrid<A>& g, long long ph, long long pw, int iy, int ix,
+                                             long long H, long long W, Tap<A>* ty, Tap<A>* tx) {
+  A yy = g.start_h + (A)ph * g.bin_h + (A)(iy + 0.5f) * g.bin_h / (A)g.gh;
+  A xx = g.start_w + (A)pw * g.bin_w + (A)(ix + 0.5f) * g.bin_w / (A)g.gw;
+  A y = (yy * g.cos_t - xx * g.sin_t) + g.cy;
+  A x = (yy * g.sin_t + xx * g.cos_t) + g.cx;
+  *ty = make_tap(y, (int)H);
+  *tx = make_tap(x, (int)W);
+}
+
+template <class T, class A>
+__device__ __forceinline__ A read_bilinear(const T* __restrict__ plane, long long W, const Tap<A>& ty,
+                                           const Tap<A>& tx) {
+  if (!(ty.inside && tx.inside)) return 0;
+  long long r0 = (long long)ty.lo * W, r1 = (long long)ty.hi * W;
+  A w1 = ty.wlo * tx.wlo, w2 = ty.wlo * tx.whi, w3 = ty.whi * tx.wlo, w4 = ty.whi * tx.whi;
+  return w1 * to_acc(plane[r0 + tx.lo]) + w2 * to_acc(plane[r0 + tx.hi]) + w3 * to_acc(plane[r1 + tx.lo]) +
+         w4 * to_acc(plane[r1 + tx.hi]);
+}
+
+// Forward: one work item per output element (k, c, ph, pw), the mean of its bin's samples.
+template <class T, class A>
+__device__ void roi_align_rotated_forward(long long n, const T* __restrict__ input, const A* __restrict__ rois,
+                                          long long C, long long H, long long W, long long PH, long long PW, A scale,
+                                          int sampling_ratio, bool aligned, T* __restrict__ output) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)blockDim.x * gridDim.x) {
+    long long pw = i % PW, ph = i / PW % PH, c = i / PW / PH % C, k = i / PW / PH / C;
+    RotatedGrid<A> g = rotated_grid(rois + 6 * k, scale, PH, PW, sampling_ratio, aligned);
+    const T* plane = input + (g.batch * C + c) * H * W;
+    A sum = 0;
+    for (int iy = 0; iy < g.gh; ++iy) {
+      for (int ix = 0; ix < g.gw; ++ix) {
+        Tap<A> ty, tx;
+        rotated_taps(g, ph, pw, iy, ix, H, W, &ty, &tx);
+        sum += read_bilinear(plane, W, ty, tx);
+      }
+    }
+    store(output + i, sum / g.count);
+  }
+}
+
+// Backward with atomics: one work item per output element scatters g / count times each
+// sample's four bilinear weights. grad_input is in A and must be zeroed.
+template <class T, class A>
+__device__ void roi_align_rotated_backward_atomic(long long n, const T* __restrict__ grad_output,
+                                                  const A* __restrict__ rois, long long C, long long H, long long W,
+                                                  long long PH, long long PW, A scale, int sampling_ratio,
+                                                  bool aligned, A* __restrict__ grad_input) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)blockDim.x * gridDim.x) {
+    long long pw = i % PW, ph = i / PW % PH, c = i / PW / PH % C, k = i / PW / PH / C;
+    RotatedGrid<A> g = rotated_grid(rois + 6 * k, scale, PH, PW, sampling_ratio, aligned);
+    A* plane = grad_input + (g.batch * C + c) * H * W;
+    A go = to_acc(grad_output[i]);
+    for (int iy = 0; iy < g.gh; ++iy) {
+      for (int ix = 0; ix < g.gw; ++ix) {
+        Tap<A> ty, tx;
+        rotated_taps(g, ph, pw, iy, ix, H, W, &ty, &tx);
+        if (!(ty.inside && tx.inside)) continue;
+        long long r0 = (long long)ty.lo * W, r1 = (long long)ty.hi * W;
+        atomicAdd(plane + r0 + tx.lo, go * (ty.wlo * tx.wlo) / g.count);
+        atomicAdd(plane + r0 + tx.hi, go * (ty.wlo * tx.whi) / g.count);
+        atomicAdd(plane + r1 + tx.lo, go * (ty.whi * tx.wlo) / g.count);
+        atomicAdd(plane + r1 + tx.hi, go * (ty.whi * tx.whi) / g.count);
+      }
+    }
+  }
+}
+
+// extern "C" entry points, one set per (suffix, element type T, arithmetic type A).
+// rois are (K, 6) in A; the input gradient is written in A (the host casts it back).
+#define ROI_ALIGN_ROTATED_ENTRY_POINTS(SUFFIX, T, A)                                                             \
+  extern "C" __global__ void roi_align_rotated_forward_##SUFFIX(                                                 \
+      long long n, const T* __restrict__ input, const A* __restrict__ rois, long long C, long long H,             \
+      long long W, long long PH, long long PW, A scale, int sampling_ratio, int aligned, T* __restrict__ output) { \
+    roi_align_rotated_forward<T, A>(n, input, rois, C, H, W, PH, PW, scale, sampling_ratio, aligned != 0,        \
+                                    output);                                                                     \
+  }                                                                                                              \
+  extern "C" __global__ void roi_align_rotated_backward_atomic_##SUFFIX(                                         \
+      long long n, const T* __restrict__ grad_output, const A* __restrict__ rois, long long C, long long H,       \
+      long long W, long long PH, long long PW, A scale, int sampling_ratio, int aligned,                          \
+      A* __restrict__ grad_input) {                                                                              \
+    roi_align_rotated_backward_atomic<T, A>(n, grad_output, rois, C, H, W, PH, PW, scale, sampling_ratio,        \
+                                            aligned != 0, grad_input);                                           \
+  }
+
+ROI_ALIGN_ROTATED_ENTRY_POINTS(f16, __half, float)
+ROI_ALIGN_ROTATED_ENTRY_POINTS(f32, float, float)
+ROI_ALIGN_ROTATED_ENTRY_POINTS(f64, double, double)
