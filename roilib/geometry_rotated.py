@@ -35,6 +35,7 @@ __all__ = [
     "RotatedBoxes",
     "roi_align_rotated_boxes",
     "rotated_sample_points",
+    "box_to_map",
     "RotatedSamples",
     "rotated_samples",
     "rotated_corners",
@@ -157,6 +158,16 @@ def rotated_sample_points(boxes: RotatedBoxes, k: int, output_size: Tuple[int, i
     gh, gw = int(boxes.grid_h[k]), int(boxes.grid_w[k])
     yy = sample_points(-boxes.height[k] / t(2), boxes.bin_h[k], gh, ph, dtype)[:, None]
     xx = sample_points(-boxes.width[k] / t(2), boxes.bin_w[k], gw, pw, dtype)[None, :]
+    return box_to_map(boxes, k, yy, xx)
+
+
+def box_to_map(boxes: RotatedBoxes, k: int, yy, xx):
+    """Points ``(yy, xx)`` of box ``k``'s own frame (origin at its centre) on the map.
+
+    ``y = (yy * cos - xx * sin) + cy`` and ``x = (yy * sin + xx * cos) + cx``: a
+    counter-clockwise rotation as seen on the image (y pointing down), then the move to
+    the centre. Arrays broadcast.
+    """
     c, s = boxes.cos[k], boxes.sin[k]
     y = (yy * c - xx * s) + boxes.cy[k]
     x = (yy * s + xx * c) + boxes.cx[k]
