@@ -74,8 +74,6 @@ __all__ += [
     "prroi_pool",
     "prroi_pool_backward",
     "prroi_pool_rois_backward",
-    "geometry_rotated",
-    "geometry_prroi",
 ]
 roi_align_rotated = _dispatch("roi_align_rotated")
 roi_align_rotated_backward = _dispatch("roi_align_rotated_backward")
