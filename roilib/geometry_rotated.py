@@ -17,9 +17,11 @@ aligns; ``aligned=False`` is mmcv's option, which also raises ``w`` and ``h`` to
 least 1). The bilinear read and its out-of-range rules are RoIAlign's
 (:func:`roilib.geometry.bilinear_corners`).
 
-``cos(t)`` and ``sin(t)`` are computed in float64 from the angle and then rounded to the
-arithmetic dtype, by the NumPy reference and by the kernels alike, so both use the same
-two numbers. At angle 0 they are exactly 1 and 0 and the grid is RoIAlign's
+``cos(t)`` and ``sin(t)`` are computed once per box, in float64 from the angle, then
+rounded to the arithmetic dtype (:func:`angle_cos_sin`); the kernels receive these very
+numbers from their host code, so the reference and the kernels rotate by the same two
+numbers. (detectron2 evaluates them in the arithmetic dtype; the two can differ in the
+last bit of a float32.) At angle 0 they are exactly 1 and 0 and the grid is RoIAlign's
 (``aligned=True``) on the box ``[cx - w/2, cy - h/2, cx + w/2, cy + h/2]``.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "rotated_samples",
     "rotated_corners",
     "to_axis_aligned",
+    "angle_cos_sin",
 ]
 
 

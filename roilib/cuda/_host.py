@@ -348,10 +348,13 @@ class KernelOps:
     def _rotated_args(self, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
         x = self._input(input)
         ph, pw = v.check_output_size(output_size)
-        r = self.xp.asarray(np.ascontiguousarray(v.check_rotated_rois(rois, x)))
+        host = v.check_rotated_rois(rois, x)
+        r = self.xp.asarray(np.ascontiguousarray(host))
+        # cos and sin once per box, exactly as the NumPy reference computes them
+        trig = self.xp.asarray(np.ascontiguousarray(np.stack(angle_cos_sin(host[:, 5], host.dtype), axis=1)))
         scale = _real(x.dtype, v.check_spatial_scale(spatial_scale))
         box = (scale, *_ints(v.check_sampling_ratio(sampling_ratio), v.check_aligned(aligned)))
-        return x, r, ph, pw, box
+        return x, (r, trig), ph, pw, box
 
     @staticmethod
     def _no_deterministic_kernel(op: str, deterministic: bool) -> None:
@@ -373,10 +376,10 @@ class KernelOps:
         -------
         array, shape (K, C, PH, PW), the input's dtype
         """
-        x, r, ph, pw, box = self._rotated_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        x, (r, trig), ph, pw, box = self._rotated_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
         n, c, h, w = x.shape
         out = self._empty((r.shape[0], c, ph, pw), x.dtype)
-        self._run("roi_align_rotated", "forward", x.dtype, out.size, x, r, *_longs(c, h, w, ph, pw), *box, out)
+        self._run("roi_align_rotated", "forward", x.dtype, out.size, x, r, trig, *_longs(c, h, w, ph, pw), *box, out)
         return out
 
     def roi_align_rotated_backward(
@@ -399,11 +402,12 @@ class KernelOps:
         array, shape (N, C, H, W), the input's dtype
         """
         self._no_deterministic_kernel("roi_align_rotated_backward", deterministic)
-        x, r, ph, pw, box = self._rotated_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        x, (r, trig), ph, pw, box = self._rotated_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
         n, c, h, w = x.shape
         g = self._grad(grad_output, (r.shape[0], c, ph, pw), x)
         grad = self._zeros_acc(x.shape, x.dtype)
-        self._run("roi_align_rotated", "backward_atomic", x.dtype, g.size, g, r, *_longs(c, h, w, ph, pw), *box, grad)
+        dims = _longs(c, h, w, ph, pw)
+        self._run("roi_align_rotated", "backward_atomic", x.dtype, g.size, g, r, trig, *dims, *box, grad)
         return grad.astype(x.dtype, copy=False)
 
     def prroi_pool(self, input, rois, output_size, spatial_scale=1.0):
@@ -476,6 +480,13 @@ class KernelOps:
         self._run("prroi_pool", "box_partial", x.dtype, k * c, g, x, r, *dims, scale, partial)
         self._run("prroi_pool", "box_reduce", x.dtype, k * 5, partial, np.int64(c), out)
         return out.astype(x.dtype, copy=False)
+
+
+def angle_cos_sin(angle_degrees, dtype):
+    """``roilib.geometry_rotated.angle_cos_sin`` (imported late: the geometry needs no host code)."""
+    from ..geometry_rotated import angle_cos_sin as f
+
+    return f(angle_degrees, dtype)
 
 
 def _longs(*values):

@@ -8,24 +8,23 @@
 // out-of-range rules are RoIAlign's (make_tap in sampling.cuh).
 #include "sampling.cuh"
 
-// pi / 180 in double, the same double NumPy's np.pi / 180.0 gives
-#define ROILIB_DEG2RAD (3.14159265358979323846 / 180.0)
-
 // One rotated box on the feature map.
 template <class A>
 struct RotatedGrid {
   long long batch;
   A cx, cy;              // centre (minus half a pixel when aligned)
-  A cos_t, sin_t;        // of the angle: computed in double, rounded to A
+  A cos_t, sin_t;        // of the angle (from the host: float64, rounded to A)
   A start_h, start_w;    // -h/2, -w/2: the box frame's first edge
   A bin_h, bin_w;        // bin size
   int gh, gw;            // samples per bin and axis (0: no samples)
   A count;               // max(gh * gw, 1)
 };
 
+// roi: one row [batch, cx, cy, w, h, angle]; trig: its (cos, sin), computed once per box
+// by the host (roilib.geometry_rotated.angle_cos_sin) rather than per output element.
 template <class A>
-__device__ RotatedGrid<A> rotated_grid(const A* __restrict__ roi, A scale, long long PH, long long PW,
-                                       int sampling_ratio, bool aligned) {
+__device__ RotatedGrid<A> rotated_grid(const A* __restrict__ roi, const A* __restrict__ trig, A scale, long long PH,
+                                       long long PW, int sampling_ratio, bool aligned) {
   RotatedGrid<A> g;
   g.batch = (long long)roi[0];
   A off = aligned ? (A)0.5 : (A)0;
@@ -37,9 +36,8 @@ __device__ RotatedGrid<A> rotated_grid(const A* __restrict__ roi, A scale, long 
     if (w < (A)1) w = 1;
     if (h < (A)1) h = 1;
   }
-  double theta = (double)roi[5] * ROILIB_DEG2RAD;
-  g.cos_t = (A)cos(theta);
-  g.sin_t = (A)sin(theta);
+  g.cos_t = trig[0];
+  g.sin_t = trig[1];
   g.bin_h = h / (A)PH;
   g.bin_w = w / (A)PW;
   const int cap = 1 << 20;  // keeps the int conversion defined for absurd boxes
@@ -77,12 +75,13 @@ __device__ __forceinline__ A read_bilinear(const T* __restrict__ plane, long lon
 // Forward: one work item per output element (k, c, ph, pw), the mean of its bin's samples.
 template <class T, class A>
 __device__ void roi_align_rotated_forward(long long n, const T* __restrict__ input, const A* __restrict__ rois,
-                                          long long C, long long H, long long W, long long PH, long long PW, A scale,
-                                          int sampling_ratio, bool aligned, T* __restrict__ output) {
+                                          const A* __restrict__ trig, long long C, long long H, long long W,
+                                          long long PH, long long PW, A scale, int sampling_ratio, bool aligned,
+                                          T* __restrict__ output) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)blockDim.x * gridDim.x) {
     long long pw = i % PW, ph = i / PW % PH, c = i / PW / PH % C, k = i / PW / PH / C;
-    RotatedGrid<A> g = rotated_grid(rois + 6 * k, scale, PH, PW, sampling_ratio, aligned);
+    RotatedGrid<A> g = rotated_grid(rois + 6 * k, trig + 2 * k, scale, PH, PW, sampling_ratio, aligned);
     const T* plane = input + (g.batch * C + c) * H * W;
     A sum = 0;
     for (int iy = 0; iy < g.gh; ++iy) {
@@ -100,13 +99,14 @@ __device__ void roi_align_rotated_forward(long long n, const T* __restrict__ inp
 // sample's four bilinear weights. grad_input is in A and must be zeroed.
 template <class T, class A>
 __device__ void roi_align_rotated_backward_atomic(long long n, const T* __restrict__ grad_output,
-                                                  const A* __restrict__ rois, long long C, long long H, long long W,
+                                                  const A* __restrict__ rois, const A* __restrict__ trig,
+                                                  long long C, long long H, long long W,
                                                   long long PH, long long PW, A scale, int sampling_ratio,
                                                   bool aligned, A* __restrict__ grad_input) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)blockDim.x * gridDim.x) {
     long long pw = i % PW, ph = i / PW % PH, c = i / PW / PH % C, k = i / PW / PH / C;
-    RotatedGrid<A> g = rotated_grid(rois + 6 * k, scale, PH, PW, sampling_ratio, aligned);
+    RotatedGrid<A> g = rotated_grid(rois + 6 * k, trig + 2 * k, scale, PH, PW, sampling_ratio, aligned);
     A* plane = grad_input + (g.batch * C + c) * H * W;
     A go = to_acc(grad_output[i]);
     for (int iy = 0; iy < g.gh; ++iy) {
@@ -125,20 +125,22 @@ __device__ void roi_align_rotated_backward_atomic(long long n, const T* __restri
 }
 
 // extern "C" entry points, one set per (suffix, element type T, arithmetic type A).
-// rois are (K, 6) in A; the input gradient is written in A (the host casts it back).
+// rois are (K, 6) and trig (K, 2) in A; the input gradient is written in A (the host
+// casts it back).
 #define ROI_ALIGN_ROTATED_ENTRY_POINTS(SUFFIX, T, A)                                                             \
   extern "C" __global__ void roi_align_rotated_forward_##SUFFIX(                                                 \
-      long long n, const T* __restrict__ input, const A* __restrict__ rois, long long C, long long H,             \
-      long long W, long long PH, long long PW, A scale, int sampling_ratio, int aligned, T* __restrict__ output) { \
-    roi_align_rotated_forward<T, A>(n, input, rois, C, H, W, PH, PW, scale, sampling_ratio, aligned != 0,        \
-                                    output);                                                                     \
+      long long n, const T* __restrict__ input, const A* __restrict__ rois, const A* __restrict__ trig,           \
+      long long C, long long H, long long W, long long PH, long long PW, A scale, int sampling_ratio, int aligned, \
+      T* __restrict__ output) {                                                                                  \
+    roi_align_rotated_forward<T, A>(n, input, rois, trig, C, H, W, PH, PW, scale, sampling_ratio,               \
+                                    aligned != 0, output);                                                       \
   }                                                                                                              \
   extern "C" __global__ void roi_align_rotated_backward_atomic_##SUFFIX(                                         \
-      long long n, const T* __restrict__ grad_output, const A* __restrict__ rois, long long C, long long H,       \
-      long long W, long long PH, long long PW, A scale, int sampling_ratio, int aligned,                          \
+      long long n, const T* __restrict__ grad_output, const A* __restrict__ rois, const A* __restrict__ trig,     \
+      long long C, long long H, long long W, long long PH, long long PW, A scale, int sampling_ratio, int aligned, \
       A* __restrict__ grad_input) {                                                                              \
-    roi_align_rotated_backward_atomic<T, A>(n, grad_output, rois, C, H, W, PH, PW, scale, sampling_ratio,        \
-                                            aligned != 0, grad_input);                                           \
+    roi_align_rotated_backward_atomic<T, A>(n, grad_output, rois, trig, C, H, W, PH, PW, scale,                 \
+                                            sampling_ratio, aligned != 0, grad_input);                           \
   }
 
 ROI_ALIGN_ROTATED_ENTRY_POINTS(f16, __half, float)
