@@ -14,8 +14,10 @@ map, 715 seeded boxes in an ``800 x 1088`` image, ``7 x 7`` output, scale 1/4):
 
 Both implementations are measured: the NumPy reference and the CUDA kernels' text built
 for the CPU (``roilib.cuda.cpu``, one thread). Each measurement runs in a fresh worker
-process (as in :mod:`roilib.bench`); the table reports the best of ``--repeat`` calls and
-the ratio new op / baseline (below 1: the new op is faster).
+process that times the new op and its baseline alternately, so that both see the same
+machine load; ``--rounds`` such processes run per row, and the table shows the median
+round's best times and the ratio new op / baseline (below 1: the new op is faster),
+followed by every round's ratio.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ CASES = [
      ("roi_align", dict(sampling_ratio=-1, aligned=True), "axis")),
     ("prroi_pool vs roi_align sr=2", ("prroi_pool", {}, "axis"),
      ("roi_align", dict(sampling_ratio=2, aligned=False), "axis")),
+    ("prroi_pool vs roi_align sr=-1", ("prroi_pool", {}, "axis"),
+     ("roi_align", dict(sampling_ratio=-1, aligned=False), "axis")),
 ]  # fmt: skip
 PASSES = ("forward", "backward", "rois")
 IMPLS = ("reference", "kernels-cpu")
@@ -77,20 +81,23 @@ def _runner(impl: str, op: str, kwargs: dict, boxes: str, pass_: str):
     return lambda: fn(g, x, rois, OUTPUT_SIZE, SPATIAL_SCALE, **kwargs, **extra)
 
 
-def _worker(impl: str, case: int, which: int, pass_: str, repeat: int) -> dict:
-    op, kwargs, boxes = CASES[case][1 + which]
-    run = _runner(impl, op, kwargs, boxes, pass_)
-    run()  # warm-up: builds or loads the kernel library
-    times = []
+def _worker(impl: str, case: int, pass_: str, repeat: int) -> dict:
+    """Time the new op and its baseline in one process, alternating, ``repeat`` times each."""
+    (_, new, base) = CASES[case]
+    runs = [_runner(impl, *new, pass_), _runner(impl, *base, pass_)]
+    for run in runs:
+        run()  # warm-up: builds or loads the kernel library
+    times = [[], []]
     for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return dict(best=min(times))
+        for which, run in enumerate(runs):
+            start = time.perf_counter()
+            run()
+            times[which].append(time.perf_counter() - start)
+    return dict(new=min(times[0]), base=min(times[1]))
 
 
-def _measure(impl, case, which, pass_, repeat, threads) -> Optional[dict]:
-    cmd = [sys.executable, "-m", "roilib.bench_rotated", "--worker", impl, str(case), str(which), pass_,
+def _measure(impl, case, pass_, repeat, threads) -> Optional[dict]:
+    cmd = [sys.executable, "-m", "roilib.bench_rotated", "--worker", impl, str(case), pass_,
            "--repeat", str(repeat)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(threads))
     if proc.returncode != 0:
@@ -99,29 +106,39 @@ def _measure(impl, case, which, pass_, repeat, threads) -> Optional[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def rows(impls, passes, repeat: int, threads: int) -> List[dict]:
-    """Measure every case, pass and implementation; the table rows."""
+def rows(impls, passes, repeat: int, threads: int, rounds: int = 1) -> List[dict]:
+    """Measure every case, pass and implementation ``rounds`` times; the table rows.
+
+    Each round is one worker process timing both ops alternately; the row keeps every
+    round's ratio and reports the best times of the round with the median ratio.
+    """
     out = []
     for case, (label, new, _) in enumerate(CASES):
         for pass_ in passes:
             if pass_ == "rois" and new[0] != "prroi_pool":
                 continue  # rotated RoIAlign has no box gradient (as in detectron2)
             for impl in impls:
-                ours = _measure(impl, case, 0, pass_, repeat, threads)
-                base = _measure(impl, case, 1, pass_, repeat, threads)
-                out.append(dict(case=label, pass_=pass_, impl=impl, new=ours, base=base))
+                got = [m for m in (_measure(impl, case, pass_, repeat, threads) for _ in range(rounds)) if m]
+                got.sort(key=lambda m: m["new"] / m["base"])
+                median = got[len(got) // 2] if got else None
+                ratios = [m["new"] / m["base"] for m in got]
+                out.append(dict(case=label, pass_=pass_, impl=impl, times=median, ratios=ratios))
     return out
 
 
 def format_table(table: List[dict]) -> str:
-    head = f"{'case':<38}{'pass':<10}{'impl':<13}{'new op ms':>11}{'baseline ms':>13}{'ratio':>8}"
+    head = f"{'case':<38}{'pass':<10}{'impl':<13}{'new op ms':>11}{'baseline ms':>13}{'ratio':>8}  ratios of all rounds"
     lines = [head, "-" * len(head)]
     for row in table:
-        new, base = row["new"], row["base"]
-        new_ms = f"{new['best'] * 1e3:11.1f}" if new else f"{'failed':>11}"
-        base_ms = f"{base['best'] * 1e3:13.1f}" if base else f"{'failed':>13}"
-        ratio = f"{new['best'] / base['best']:8.2f}" if new and base else f"{'-':>8}"
-        lines.append(f"{row['case']:<38}{row['pass_']:<10}{row['impl']:<13}{new_ms}{base_ms}{ratio}")
+        t = row["times"]
+        if not t:
+            lines.append(f"{row['case']:<38}{row['pass_']:<10}{row['impl']:<13}{'failed':>11}")
+            continue
+        every = " ".join(f"{r:.2f}" for r in row["ratios"])
+        lines.append(
+            f"{row['case']:<38}{row['pass_']:<10}{row['impl']:<13}{t['new'] * 1e3:11.1f}{t['base'] * 1e3:13.1f}"
+            f"{t['new'] / t['base']:8.2f}  {every}"
+        )
     return "\n".join(lines)
 
 
@@ -131,20 +148,21 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads for NumPy's BLAS")
     parser.add_argument("--impl", choices=IMPLS, action="append", help="implementations to measure (default: both)")
     parser.add_argument("--pass", dest="passes", choices=PASSES, action="append", help="passes (default: all)")
-    parser.add_argument("--worker", nargs=4, metavar=("IMPL", "CASE", "WHICH", "PASS"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="worker processes per row (the median ratio is shown)")
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "CASE", "PASS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        impl, case, which, pass_ = args.worker
-        print(json.dumps(_worker(impl, int(case), int(which), pass_, args.repeat)))
+        impl, case, pass_ = args.worker
+        print(json.dumps(_worker(impl, int(case), pass_, args.repeat)))
         return 0
     print(
         f"roilib.bench_rotated: CPU, {args.threads} thread(s), best of {args.repeat}; input "
         f"{'x'.join(map(str, MAP_SHAPE))} float32, {N_BOXES} boxes, output {OUTPUT_SIZE}x{OUTPUT_SIZE}, "
-        f"scale 1/{int(1 / SPATIAL_SCALE)}"
+        f"scale 1/{int(1 / SPATIAL_SCALE)}; {args.rounds} round(s), ops alternating within each"
     )
-    table = rows(args.impl or list(IMPLS), args.passes or list(PASSES), args.repeat, args.threads)
+    table = rows(args.impl or list(IMPLS), args.passes or list(PASSES), args.repeat, args.threads, args.rounds)
     print(format_table(table))
-    print("ratio = new op / baseline best time on the same boxes (< 1: the new op is faster); backward =")
+    print("ratio = new op / baseline best time on the same boxes, median round (< 1: the new op is faster); backward =")
     print("input gradient (kernels: the atomic kernel for both); rois = box gradient")
     return 0
 
