@@ -18,6 +18,9 @@ process that times the new op and its baseline alternately, so that both see the
 machine load; ``--rounds`` such processes run per row, and the table shows the median
 round's best times and the ratio new op / baseline (below 1: the new op is faster),
 followed by every round's ratio.
+
+``--device cuda`` runs the same comparisons with the CUDA kernels on a GPU (CuPy), timed
+with CUDA events (median of ``--repeat``, at least 10), atomic backward for both ops.
 """
 from __future__ import annotations
 
@@ -142,8 +145,45 @@ def format_table(table: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_cuda(repeat: int) -> int:
+    """The same comparisons on a GPU (``--device cuda``): CUDA-event medians, atomic backward.
+
+    The map is placed on the device once; each op and its baseline run on the same
+    stream, alternately, ``repeat`` times after a warm-up.
+    """
+    from .cuda import bench_gpu, gpu
+
+    cp = gpu._cupy()
+    x, rois, g = _inputs()
+    xd, gd = cp.asarray(x), cp.asarray(g)
+    boxes = {"axis": cp.asarray(rois), "rotated0": cp.asarray(rotated_boxes(0.0)), "rotated": cp.asarray(rotated_boxes(None))}
+
+    def call(op, kwargs, box, pass_):
+        name = {"forward": op, "backward": op + "_backward", "rois": op + "_rois_backward"}[pass_]
+        fn = getattr(gpu, name)
+        extra = dict(deterministic=False) if pass_ == "backward" else {}
+        if pass_ == "forward":
+            return lambda: fn(xd, boxes[box], OUTPUT_SIZE, SPATIAL_SCALE, **kwargs)
+        return lambda: fn(gd, xd, boxes[box], OUTPUT_SIZE, SPATIAL_SCALE, **kwargs, **extra)
+
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+    print(f"roilib.bench_rotated --device cuda on {name}; median of {repeat}; workload as on the CPU")
+    head = f"{'case':<38}{'pass':<10}{'new op ms':>11}{'baseline ms':>13}{'ratio':>8}"
+    print(head)
+    print("-" * len(head))
+    for label, new, base in CASES:
+        for pass_ in PASSES:
+            if pass_ == "rois" and new[0] != "prroi_pool":
+                continue
+            t_new = bench_gpu._time(cp, call(new[0], new[1], new[2], pass_), repeat)
+            t_base = bench_gpu._time(cp, call(base[0], base[1], base[2], pass_), repeat)
+            print(f"{label:<38}{pass_:<10}{t_new * 1e3:11.3f}{t_base * 1e3:13.3f}{t_new / t_base:8.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m roilib.bench_rotated", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per measurement (best is reported)")
     parser.add_argument("--threads", type=int, default=1, help="threads for NumPy's BLAS")
     parser.add_argument("--impl", choices=IMPLS, action="append", help="implementations to measure (default: both)")
@@ -155,6 +195,8 @@ def main(argv=None) -> int:
         impl, case, pass_ = args.worker
         print(json.dumps(_worker(impl, int(case), pass_, args.repeat)))
         return 0
+    if args.device == "cuda":
+        return run_cuda(max(args.repeat, 10))
     print(
         f"roilib.bench_rotated: CPU, {args.threads} thread(s), best of {args.repeat}; input "
         f"{'x'.join(map(str, MAP_SHAPE))} float32, {N_BOXES} boxes, output {OUTPUT_SIZE}x{OUTPUT_SIZE}, "
