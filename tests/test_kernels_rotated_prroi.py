@@ -267,3 +267,23 @@ def test_kernels_under_address_and_undefined_behaviour_sanitizers():
     assert proc.returncode == 0, report[-5000:]
     assert "AddressSanitizer" not in report and "runtime error" not in report, report[-5000:]
     assert "sanitized run ok" in proc.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prroi_pool_bins_wider_than_the_column_cache_match_reference(backend):
+    # a bin over more than 32 columns recomputes its column weights per row
+    ops = _backend(backend)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 2, 6, 80))
+    rois = np.array([[0, 1.5, 0.5, 75.2, 4.7], [0, 10.3, 1.0, 40.1, 3.0]])
+    g = rng.standard_normal((2, 2, 2, 1))
+    xd, rd, gd = _to(backend, x, rois, g)
+    assert_close(_host(ops.prroi_pool(xd, rd, (2, 1))), ref.prroi_pool(x, rois, (2, 1)), np.float64)
+    assert_close(
+        _host(ops.prroi_pool_backward(gd, xd, rd, (2, 1))), ref.prroi_pool_backward(g, x, rois, (2, 1)), np.float64
+    )
+    assert_close(
+        _host(ops.prroi_pool_rois_backward(gd, xd, rd, (2, 1))),
+        ref.prroi_pool_rois_backward(g, x, rois, (2, 1)),
+        np.float64,
+    )

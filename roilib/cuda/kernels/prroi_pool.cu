@@ -53,6 +53,10 @@ __device__ PrBox<A> pr_box(const A* __restrict__ roi, A scale, long long PH, lon
   return b;
 }
 
+// Bins up to this many columns wide keep their column weights in a small per-thread
+// array instead of recomputing them for every row (same values, same order of sums).
+#define ROILIB_PRROI_COLUMNS 32
+
 // Pixels [*first, *last] whose hat overlaps [lo, hi], inside [0, size).
 template <class A>
 __device__ __forceinline__ void pixel_span(A lo, A hi, long long size, long long* first, long long* last) {
@@ -81,12 +85,17 @@ __device__ void prroi_pool_forward(long long n, const T* __restrict__ input, con
     pixel_span(y0, y1, H, &r0, &r1);
     pixel_span(x0, x1, W, &c0, &c1);
     const T* plane = input + (b.batch * C + c) * H * W;
+    A wx[ROILIB_PRROI_COLUMNS];
+    bool cached = c1 - c0 < ROILIB_PRROI_COLUMNS;
+    if (cached)
+      for (long long q = c0; q <= c1; ++q) wx[q - c0] = hat_integral(x0, x1, q);
     A sum = 0;
     for (long long r = r0; r <= r1; ++r) {
       A wy = hat_integral(y0, y1, r);
       if (wy == (A)0) continue;
       A row = 0;
-      for (long long q = c0; q <= c1; ++q) row += hat_integral(x0, x1, q) * to_acc(plane[r * W + q]);
+      for (long long q = c0; q <= c1; ++q)
+        row += (cached ? wx[q - c0] : hat_integral(x0, x1, q)) * to_acc(plane[r * W + q]);
       sum += wy * row;
     }
     store(output + i, sum / b.area);
@@ -111,12 +120,16 @@ __device__ void prroi_pool_backward_atomic(long long n, const T* __restrict__ gr
     pixel_span(y0, y1, H, &r0, &r1);
     pixel_span(x0, x1, W, &c0, &c1);
     A* plane = grad_input + (b.batch * C + c) * H * W;
+    A wx[ROILIB_PRROI_COLUMNS];
+    bool cached = c1 - c0 < ROILIB_PRROI_COLUMNS;
+    if (cached)
+      for (long long q = c0; q <= c1; ++q) wx[q - c0] = hat_integral(x0, x1, q);
     for (long long r = r0; r <= r1; ++r) {
       A wy = hat_integral(y0, y1, r);
       if (wy == (A)0) continue;
       for (long long q = c0; q <= c1; ++q) {
-        A wx = hat_integral(x0, x1, q);
-        if (wx != (A)0) atomicAdd(plane + r * W + q, go * (wy * wx));
+        A w = cached ? wx[q - c0] : hat_integral(x0, x1, q);
+        if (w != (A)0) atomicAdd(plane + r * W + q, go * (wy * w));
       }
     }
   }
@@ -152,15 +165,30 @@ __device__ void prroi_pool_box_partial(long long n, const T* __restrict__ grad_o
           A fx0 = (A)pw / (A)PW, fx1 = (A)(pw + 1) / (A)PW;
           long long c0, c1;
           pixel_span(x0, x1, W, &c0, &c1);
+          A wx[ROILIB_PRROI_COLUMNS], kx0[ROILIB_PRROI_COLUMNS], kx1[ROILIB_PRROI_COLUMNS];
+          bool cached = c1 - c0 < ROILIB_PRROI_COLUMNS;
+          if (cached) {
+            for (long long q = c0; q <= c1; ++q) {
+              wx[q - c0] = hat_integral(x0, x1, q);
+              kx0[q - c0] = hat(x0 - (A)q);
+              kx1[q - c0] = hat(x1 - (A)q);
+            }
+          }
           A s = 0, sx0 = 0, sx1 = 0, sy0 = 0, sy1 = 0;
           for (long long r = r0; r <= r1; ++r) {
             A wy = hat_integral(y0, y1, r), ky0 = hat(y0 - (A)r), ky1 = hat(y1 - (A)r);
             A row = 0, row_x0 = 0, row_x1 = 0;
             for (long long q = c0; q <= c1; ++q) {
               A v = to_acc(plane[r * W + q]);
-              row += hat_integral(x0, x1, q) * v;
-              row_x0 += hat(x0 - (A)q) * v;
-              row_x1 += hat(x1 - (A)q) * v;
+              if (cached) {
+                row += wx[q - c0] * v;
+                row_x0 += kx0[q - c0] * v;
+                row_x1 += kx1[q - c0] * v;
+              } else {
+                row += hat_integral(x0, x1, q) * v;
+                row_x0 += hat(x0 - (A)q) * v;
+                row_x1 += hat(x1 - (A)q) * v;
+              }
             }
             s += wy * row;
             sx0 += wy * row_x0;
