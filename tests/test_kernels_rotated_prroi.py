@@ -287,3 +287,49 @@ def test_prroi_pool_bins_wider_than_the_column_cache_match_reference(backend):
         ref.prroi_pool_rois_backward(g, x, rois, (2, 1)),
         np.float64,
     )
+
+
+def _torch_cuda():
+    if GPU is None:
+        pytest.skip("needs CuPy and a CUDA GPU")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA build of torch")
+    import roilib.torch as rt
+
+    return torch, rt
+
+
+@pytest.mark.gpu
+def test_torch_bridge_on_cuda_matches_the_reference_in_both_gradients():
+    torch, rt = _torch_cuda()
+    x, rois = prroi_case(np.float64)
+    xt = torch.tensor(x, device="cuda", requires_grad=True)
+    rt_rois = torch.tensor(rois, device="cuda", requires_grad=True)
+    out = rt.prroi_pool(xt, rt_rois, 3, 1.0)
+    g = _grad(tuple(out.shape), np.float64)
+    out.backward(torch.tensor(g, device="cuda"))
+    assert_close(out.detach().cpu().numpy(), ref.prroi_pool(x, rois, 3), np.float64)
+    assert_close(xt.grad.cpu().numpy(), ref.prroi_pool_backward(g, x, rois, 3), np.float64, scale=4)
+    assert_close(rt_rois.grad.cpu().numpy(), ref.prroi_pool_rois_backward(g, x, rois, 3), np.float64, scale=10)
+    x, rois = rotated_case(np.float64)
+    xt = torch.tensor(x, device="cuda", requires_grad=True)
+    out = rt.roi_align_rotated(xt, torch.tensor(rois, device="cuda"), 3, 1.0, 2)
+    g = _grad(tuple(out.shape), np.float64)
+    out.backward(torch.tensor(g, device="cuda"))
+    assert_close(out.detach().cpu().numpy(), ref.roi_align_rotated(x, rois, 3, 1.0, 2), np.float64)
+    assert_close(xt.grad.cpu().numpy(), ref.roi_align_rotated_backward(g, x, rois, 3, 1.0, 2), np.float64, scale=4)
+
+
+@pytest.mark.gpu
+def test_torch_bridge_on_cuda_refuses_atomics_under_deterministic_algorithms():
+    torch, rt = _torch_cuda()
+    x, rois = rotated_case(np.float32)
+    xt = torch.tensor(x, device="cuda", requires_grad=True)
+    out = rt.roi_align_rotated(xt, torch.tensor(rois, device="cuda"), 2, 1.0, 2)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="roi_align_rotated_backward does not have a deterministic"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
