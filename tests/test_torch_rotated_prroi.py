@@ -116,3 +116,17 @@ def test_cpu_ops_ignore_the_deterministic_setting():
     finally:
         torch.use_deterministic_algorithms(False)
     assert x.grad is not None
+
+
+def test_the_cuda_atomic_backward_alerts_like_torchvision_under_deterministic_algorithms():
+    # what the CUDA path calls before launching an atomic backward (no GPU needed here)
+    rt._alert_not_deterministic("roilib::prroi_pool_backward")  # off: nothing happens
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="roilib::prroi_pool_backward does not have a deterministic"):
+            rt._alert_not_deterministic("roilib::prroi_pool_backward")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="does not have a deterministic"):
+            rt._alert_not_deterministic("roilib::prroi_pool_backward")
+    finally:
+        torch.use_deterministic_algorithms(False)
