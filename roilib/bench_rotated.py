@@ -118,8 +118,6 @@ def rows(impls, passes, repeat: int, threads: int, rounds: int = 1) -> List[dict
     out = []
     for case, (label, new, _) in enumerate(CASES):
         for pass_ in passes:
-            if pass_ == "rois" and new[0] != "prroi_pool":
-                continue  # rotated RoIAlign has no box gradient (as in detectron2)
             for impl in impls:
                 got = [m for m in (_measure(impl, case, pass_, repeat, threads) for _ in range(rounds)) if m]
                 got.sort(key=lambda m: m["new"] / m["base"])
@@ -173,8 +171,6 @@ def run_cuda(repeat: int) -> int:
     print("-" * len(head))
     for label, new, base in CASES:
         for pass_ in PASSES:
-            if pass_ == "rois" and new[0] != "prroi_pool":
-                continue
             t_new = bench_gpu._time(cp, call(new[0], new[1], new[2], pass_), repeat)
             t_base = bench_gpu._time(cp, call(base[0], base[1], base[2], pass_), repeat)
             print(f"{label:<38}{pass_:<10}{t_new * 1e3:11.3f}{t_base * 1e3:13.3f}{t_new / t_base:8.2f}")

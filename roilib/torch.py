@@ -436,6 +436,17 @@ def _(grad, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
     return torch.empty_like(input)
 
 
+@torch.library.custom_op("roilib::roi_align_rotated_rois_backward", mutates_args=())
+def _roi_align_rotated_rois_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    out = _run_atomic("roi_align_rotated_rois_backward", (grad, input, rois.to(input.dtype)), tuple(output_size), spatial_scale, sampling_ratio, aligned)
+    return out.to(rois.dtype)
+
+
+@_roi_align_rotated_rois_backward.register_fake
+def _(grad, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    return torch.empty_like(rois)
+
+
 @torch.library.custom_op("roilib::prroi_pool", mutates_args=())
 def _prroi_pool(input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float) -> Tensor:
     return _run_atomic("prroi_pool", (input, rois.to(input.dtype)), tuple(output_size), spatial_scale)
@@ -467,7 +478,7 @@ def _(grad, input, rois, output_size, spatial_scale):
     return torch.empty_like(rois)
 
 
-_register_backward(_roi_align_rotated, _roi_align_rotated_backward)
+_register_backward(_roi_align_rotated, _roi_align_rotated_backward, _roi_align_rotated_rois_backward)
 _register_backward(_prroi_pool, _prroi_pool_backward, _prroi_pool_rois_backward)
 
 
@@ -479,7 +490,8 @@ def roi_align_rotated(
     sampling_ratio: int = -1,
     aligned: bool = True,
 ) -> Tensor:
-    """Rotated RoIAlign (detectron2's ``ROIAlignRotated``); differentiable in ``input``.
+    """Rotated RoIAlign (detectron2's ``ROIAlignRotated``), differentiable in ``input`` and
+    in the box coordinates (centre, size and angle).
 
     Parameters
     ----------
@@ -495,7 +507,6 @@ def roi_align_rotated(
     Returns
     -------
     Tensor, shape (K, C, PH, PW)
-        The boxes get no gradient (as in detectron2).
     """
     return _roi_align_rotated(
         input, _as_rotated_rois(boxes, input), _pair(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned)

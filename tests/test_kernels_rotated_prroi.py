@@ -146,6 +146,10 @@ def test_roi_align_rotated_matches_reference(backend, dtype, geometry, kw):
     assert grad.dtype == dtype
     expected = _expected(ref.roi_align_rotated_backward, g, x, rois, output_size, scale, dtype=dtype, **kw)
     assert_close(grad, expected, dtype, scale=4)
+    box = _host(ops.roi_align_rotated_rois_backward(gd, xd, rd, output_size, scale, **kw))
+    assert box.dtype == dtype and box.shape == (len(rois), 6)
+    expected = _expected(ref.roi_align_rotated_rois_backward, g, x, rois, output_size, scale, dtype=dtype, **kw)
+    assert_close(box, expected, dtype, scale=10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -220,6 +224,12 @@ def test_gpu_forward_and_box_gradient_equal_the_cpu_build_bitwise():
         np.testing.assert_array_equal(
             _host(GPU.roi_align_rotated(xd, rd, 3, 0.5, 2)), cpu.roi_align_rotated(x, rois, 3, 0.5, 2)
         )
+        g = _grad((len(rois), 3, 3, 3), dtype)
+        (gd,) = _to("gpu", g)
+        np.testing.assert_array_equal(
+            _host(GPU.roi_align_rotated_rois_backward(gd, xd, rd, 3, 0.5, 2)),
+            cpu.roi_align_rotated_rois_backward(g, x, rois, 3, 0.5, 2),
+        )
         x, rois = prroi_case(dtype, 0.5)
         g = _grad((len(rois), 3, 3, 3), dtype)
         xd, rd, gd = _to("gpu", x, rois, g)
@@ -240,6 +250,7 @@ for dtype in (np.float16, np.float32, np.float64):
     for aligned in (True, False):
         out = cpu.roi_align_rotated(x, rois, (3, 4), 0.5, -1, aligned)
         cpu.roi_align_rotated_backward(_grad(out.shape, dtype), x, rois, (3, 4), 0.5, -1, aligned)
+        cpu.roi_align_rotated_rois_backward(_grad(out.shape, dtype), x, rois, (3, 4), 0.5, -1, aligned)
     x, rois = prroi_case(dtype, 0.5)
     out = cpu.prroi_pool(x, rois, (3, 4), 0.5)
     g = _grad(out.shape, dtype)
@@ -314,11 +325,14 @@ def test_torch_bridge_on_cuda_matches_the_reference_in_both_gradients():
     assert_close(rt_rois.grad.cpu().numpy(), ref.prroi_pool_rois_backward(g, x, rois, 3), np.float64, scale=10)
     x, rois = rotated_case(np.float64)
     xt = torch.tensor(x, device="cuda", requires_grad=True)
-    out = rt.roi_align_rotated(xt, torch.tensor(rois, device="cuda"), 3, 1.0, 2)
+    rt_rois = torch.tensor(rois, device="cuda", requires_grad=True)
+    out = rt.roi_align_rotated(xt, rt_rois, 3, 1.0, 2)
     g = _grad(tuple(out.shape), np.float64)
     out.backward(torch.tensor(g, device="cuda"))
     assert_close(out.detach().cpu().numpy(), ref.roi_align_rotated(x, rois, 3, 1.0, 2), np.float64)
     assert_close(xt.grad.cpu().numpy(), ref.roi_align_rotated_backward(g, x, rois, 3, 1.0, 2), np.float64, scale=4)
+    expected = ref.roi_align_rotated_rois_backward(g, x, rois, 3, 1.0, 2)
+    assert_close(rt_rois.grad.cpu().numpy(), expected, np.float64, scale=10)
 
 
 @pytest.mark.gpu

@@ -146,6 +146,7 @@ def _record_rotated_and_prroi(launches):
         for aligned in (True, False):
             rec.roi_align_rotated(x, rotated, 2, aligned=aligned)
             rec.roi_align_rotated_backward(g, x, rotated, 2, aligned=aligned, deterministic=False)
+            rec.roi_align_rotated_rois_backward(g, x, rotated, 2, aligned=aligned)
         rec.prroi_pool(x, rois, 2)
         rec.prroi_pool_backward(g, x, rois, 2, deterministic=False)
         rec.prroi_pool_rois_backward(g, x, rois, 2)

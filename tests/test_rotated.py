@@ -195,6 +195,44 @@ def test_input_gradient_matches_finite_differences(rng):
     assert np.isclose(directional_derivative(loss, x, d, 1e-4), (grad * d).sum(), rtol=1e-8)
 
 
+@pytest.mark.parametrize("aligned,sampling_ratio", [(True, 2), (True, -1), (False, 2)])
+def test_box_gradient_matches_finite_differences(rng, aligned, sampling_ratio):
+    x = _map(rng)
+    rois = _random_boxes(rng, n=8)
+    rois[:, 3:5] = np.maximum(rois[:, 3:5], 1.2)  # away from the raise to 1 of aligned=False
+    g = rng.standard_normal((len(rois), 3, 3, 2))
+    grad = roilib.roi_align_rotated_rois_backward(g, x, rois, (3, 2), 0.5, sampling_ratio, aligned)
+    for k in range(len(rois)):
+        for col in range(1, 6):
+            def loss(r, k=k):
+                return float((roilib.roi_align_rotated(x, r, (3, 2), 0.5, sampling_ratio, aligned)[k] * g[k]).sum())
+
+            e = np.zeros_like(rois)
+            e[k, col] = 1.0
+            fd = directional_derivative(loss, rois, e, 1e-6)
+            assert np.isclose(grad[k, col], fd, rtol=1e-5, atol=1e-7), (k, col, grad[k, col], fd)
+
+
+def test_box_gradient_at_angle_zero_equals_roi_align_s(rng):
+    # d/dcx = d/dx1 + d/dx2 and d/dw = (d/dx2 - d/dx1) / 2 for the axis-aligned box
+    x, rois = _map(rng), _random_boxes(rng, angle=0.0)
+    g = rng.standard_normal((len(rois), 3, 2, 3))
+    rotated = roilib.roi_align_rotated_rois_backward(g, x, rois, (2, 3), 1.0, 2)
+    plain = roilib.roi_align_rois_backward(g, x, to_axis_aligned(rois), (2, 3), 1.0, 2, aligned=True)
+    np.testing.assert_allclose(rotated[:, 1], plain[:, 1] + plain[:, 3], atol=1e-12)
+    np.testing.assert_allclose(rotated[:, 2], plain[:, 2] + plain[:, 4], atol=1e-12)
+    np.testing.assert_allclose(rotated[:, 3], (plain[:, 3] - plain[:, 1]) / 2, atol=1e-12)
+    np.testing.assert_allclose(rotated[:, 4], (plain[:, 4] - plain[:, 2]) / 2, atol=1e-12)
+    assert not rotated[:, 0].any()
+
+
+def test_box_gradient_of_a_constant_map_is_zero_inside():
+    x = np.full((1, 2, 20, 20), 2.0)
+    rois = np.array([[0, 10.3, 9.7, 6.1, 4.2, 37.0]])
+    grad = roilib.roi_align_rotated_rois_backward(np.ones((1, 2, 3, 3)), x, rois, 3, 1.0, 2)
+    np.testing.assert_allclose(grad, 0, atol=1e-12)
+
+
 # -- bad input --------------------------------------------------------------------------
 
 X = np.zeros((2, 3, 8, 8), dtype=np.float32)

@@ -33,10 +33,15 @@ def test_prroi_pool_matches_the_reference():
 
 
 @pytest.mark.parametrize("aligned", [True, False])
-def test_roi_align_rotated_passes_gradcheck_in_the_input(aligned):
+def test_roi_align_rotated_passes_gradcheck_in_input_and_boxes(aligned):
     x = _map().requires_grad_(True)
     rois = _rotated()
-    assert torch.autograd.gradcheck(lambda inp: rt.roi_align_rotated(inp, rois, (2, 3), 1.0, 2, aligned), (x,), eps=1e-6, atol=1e-6)
+    boxes = [rois[rois[:, 0] == i, 1:].clone().requires_grad_(True) for i in range(2)]
+
+    def f(inp, b0, b1):
+        return rt.roi_align_rotated(inp, [b0, b1], (2, 3), 1.0, 2, aligned)
+
+    assert torch.autograd.gradcheck(f, (x, *boxes), eps=1e-6, atol=1e-6)
 
 
 def test_prroi_pool_passes_gradcheck_in_input_and_boxes():
@@ -50,9 +55,9 @@ def test_prroi_pool_passes_gradcheck_in_input_and_boxes():
     assert torch.autograd.gradcheck(f, (x, *boxes), eps=1e-6, atol=1e-6)
 
 
-def test_rotated_boxes_get_no_gradient():
+def test_box_gradient_is_none_when_rotated_boxes_do_not_require_it():
     x = _map().requires_grad_(True)
-    rois = _rotated().requires_grad_(True)
+    rois = _rotated()
     rt.roi_align_rotated(x, rois, 2, 1.0, 2).sum().backward()
     assert rois.grad is None and x.grad is not None
 

@@ -410,6 +410,37 @@ class KernelOps:
         self._run("roi_align_rotated", "backward_atomic", x.dtype, g.size, g, r, trig, *dims, *box, grad)
         return grad.astype(x.dtype, copy=False)
 
+    def roi_align_rotated_rois_backward(
+        self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+    ):
+        """Gradient of ``roi_align_rotated`` with respect to the boxes.
+
+        Always deterministic: one partial sum per (box, channel), then one sum over the
+        channels per box, in channel order.
+
+        Parameters
+        ----------
+        grad_output : array, shape (K, C, PH, PW)
+        input, rois, output_size, spatial_scale, sampling_ratio, aligned
+            As in ``roilib.reference.roi_align_rotated_rois_backward``.
+
+        Returns
+        -------
+        array, shape (K, 6), the input's dtype
+            ``d loss / d [batch_index, cx, cy, w, h, angle_degrees]``; the batch column is 0.
+        """
+        x, (r, trig), ph, pw, box = self._rotated_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        n, c, h, w = x.shape
+        k = r.shape[0]
+        g = self._grad(grad_output, (k, c, ph, pw), x)
+        acc = v.compute_dtype(x.dtype)
+        partial = self._empty((k, c, 5), acc)
+        out = self._empty((k, 6), acc)
+        dims = _longs(c, h, w, ph, pw)
+        self._run("roi_align_rotated", "box_partial", x.dtype, k * c, g, x, r, trig, *dims, *box, partial)
+        self._run("roi_align_rotated", "box_reduce", x.dtype, k * 6, partial, np.int64(c), out)
+        return out.astype(x.dtype, copy=False)
+
     def prroi_pool(self, input, rois, output_size, spatial_scale=1.0):
         """Precise RoI Pooling forward.
 

@@ -99,3 +99,5 @@ roi_align_rotated_backward = _ops.roi_align_rotated_backward
 prroi_pool = _ops.prroi_pool
 prroi_pool_backward = _ops.prroi_pool_backward
 prroi_pool_rois_backward = _ops.prroi_pool_rois_backward
+__all__ += ["roi_align_rotated_rois_backward"]
+roi_align_rotated_rois_backward = _ops.roi_align_rotated_rois_backward

@@ -34,3 +34,7 @@ __all__ += [
     "prroi_pool_backward",
     "prroi_pool_rois_backward",
 ]
+
+from .roi_align_rotated import roi_align_rotated_rois_backward  # noqa: E402
+
+__all__ += ["roi_align_rotated_rois_backward"]

@@ -1,5 +1,6 @@
-// roi_align_rotated.cu: rotated RoIAlign (detectron2's ROIAlignRotated) forward and
-// backward (input gradient, with atomics).
+// roi_align_rotated.cu: rotated RoIAlign (detectron2's ROIAlignRotated) forward, input
+// gradient (with atomics) and box gradient (deterministic: per-(box, channel) partials,
+// then a sum over channels in channel order).
 //
 // Boxes are (K, 6) rows [batch, cx, cy, w, h, angle_degrees]. RoIAlign's grid is laid out
 // in the box's frame (centred on the origin) and rotated counter-clockwise about the
@@ -124,6 +125,79 @@ __device__ void roi_align_rotated_backward_atomic(long long n, const T* __restri
   }
 }
 
+// Box gradient, pass 1: one work item per (box k, channel c) writes
+// partial[5 * (k*C + c) + {0..4}] = d loss / d {cx, cy, w, h, angle} of that channel.
+//
+// A sample sits at y = yy cos - xx sin + cy s - off, x = yy sin + xx cos + cx s - off with
+// yy = h s (fy - 1/2), xx = w s (fx - 1/2), f = (p + (i + .5)/g) / P. So dy/dcy = dx/dcx = s,
+// dy/dh = s (fy - 1/2) cos, dx/dh = s (fy - 1/2) sin, dy/dw = -s (fx - 1/2) sin,
+// dx/dw = s (fx - 1/2) cos, dy/dt = -yy sin - xx cos, dx/dt = yy cos - xx sin (times
+// pi/180 per degree). The bilinear value moves with y at rate
+// (1 - lx)(X[yh,xl] - X[yl,xl]) + lx (X[yh,xh] - X[yl,xh]), not at all where y was clamped
+// or the sample is out of range; a size raised to 1 (aligned=False) gets no gradient.
+template <class T, class A>
+__device__ void roi_align_rotated_box_partial(long long n, const T* __restrict__ grad_output,
+                                              const T* __restrict__ input, const A* __restrict__ rois,
+                                              const A* __restrict__ trig, long long C, long long H, long long W,
+                                              long long PH, long long PW, A scale, int sampling_ratio, bool aligned,
+                                              A* __restrict__ partial) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)blockDim.x * gridDim.x) {
+    long long c = i % C, k = i / C;
+    const A* roi = rois + 6 * k;
+    RotatedGrid<A> g = rotated_grid(roi, trig + 2 * k, scale, PH, PW, sampling_ratio, aligned);
+    bool raised_w = !aligned && roi[3] * scale < (A)1;
+    bool raised_h = !aligned && roi[4] * scale < (A)1;
+    const T* plane = input + (g.batch * C + c) * H * W;
+    const T* go = grad_output + i * PH * PW;
+    A d[5] = {0, 0, 0, 0, 0};
+    for (long long ph = 0; ph < PH; ++ph) {
+      for (long long pw = 0; pw < PW; ++pw) {
+        A grad = to_acc(go[ph * PW + pw]) / g.count;
+        for (int iy = 0; iy < g.gh; ++iy) {
+          A yy = g.start_h + (A)ph * g.bin_h + (A)(iy + 0.5f) * g.bin_h / (A)g.gh;
+          A fy = ((A)ph + ((A)iy + (A)0.5) / (A)g.gh) / (A)PH - (A)0.5;
+          for (int ix = 0; ix < g.gw; ++ix) {
+            A xx = g.start_w + (A)pw * g.bin_w + (A)(ix + 0.5f) * g.bin_w / (A)g.gw;
+            A fx = ((A)pw + ((A)ix + (A)0.5) / (A)g.gw) / (A)PW - (A)0.5;
+            Tap<A> ty = make_tap((yy * g.cos_t - xx * g.sin_t) + g.cy, (int)H);
+            Tap<A> tx = make_tap((yy * g.sin_t + xx * g.cos_t) + g.cx, (int)W);
+            if (!(ty.inside && tx.inside)) continue;
+            long long r0 = (long long)ty.lo * W, r1 = (long long)ty.hi * W;
+            A v1 = to_acc(plane[r0 + tx.lo]), v2 = to_acc(plane[r0 + tx.hi]);
+            A v3 = to_acc(plane[r1 + tx.lo]), v4 = to_acc(plane[r1 + tx.hi]);
+            A gy = ty.moving ? grad * (tx.wlo * (v3 - v1) + tx.whi * (v4 - v2)) : (A)0;
+            A gx = tx.moving ? grad * (ty.wlo * (v2 - v1) + ty.whi * (v4 - v3)) : (A)0;
+            d[0] += gx;
+            d[1] += gy;
+            if (!raised_w) d[2] += (gx * g.cos_t - gy * g.sin_t) * fx;
+            if (!raised_h) d[3] += (gy * g.cos_t + gx * g.sin_t) * fy;
+            d[4] += gy * (-yy * g.sin_t - xx * g.cos_t) + gx * (yy * g.cos_t - xx * g.sin_t);
+          }
+        }
+      }
+    }
+    for (int j = 0; j < 4; ++j) partial[5 * i + j] = d[j] * scale;
+    partial[5 * i + 4] = d[4] * (A)(3.14159265358979323846 / 180.0);
+  }
+}
+
+// Box gradient, pass 2: one work item per (box k, column j) of the (K, 6) result sums the
+// channels' partials in channel order; column 0, the batch index, gets 0.
+template <class A>
+__device__ void roi_align_rotated_box_reduce(long long n, const A* __restrict__ partial, long long C,
+                                             A* __restrict__ grad_rois) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)blockDim.x * gridDim.x) {
+    long long k = i / 6;
+    int j = (int)(i % 6);
+    A sum = 0;
+    if (j > 0)
+      for (long long c = 0; c < C; ++c) sum += partial[5 * (k * C + c) + (j - 1)];
+    grad_rois[i] = sum;
+  }
+}
+
 // extern "C" entry points, one set per (suffix, element type T, arithmetic type A).
 // rois are (K, 6) and trig (K, 2) in A; the input gradient is written in A (the host
 // casts it back).
@@ -141,6 +215,17 @@ __device__ void roi_align_rotated_backward_atomic(long long n, const T* __restri
       A* __restrict__ grad_input) {                                                                              \
     roi_align_rotated_backward_atomic<T, A>(n, grad_output, rois, trig, C, H, W, PH, PW, scale,                 \
                                             sampling_ratio, aligned != 0, grad_input);                           \
+  }                                                                                                              \
+  extern "C" __global__ void roi_align_rotated_box_partial_##SUFFIX(                                             \
+      long long n, const T* __restrict__ grad_output, const T* __restrict__ input, const A* __restrict__ rois,    \
+      const A* __restrict__ trig, long long C, long long H, long long W, long long PH, long long PW, A scale,      \
+      int sampling_ratio, int aligned, A* __restrict__ partial) {                                                \
+    roi_align_rotated_box_partial<T, A>(n, grad_output, input, rois, trig, C, H, W, PH, PW, scale,               \
+                                        sampling_ratio, aligned != 0, partial);                                  \
+  }                                                                                                              \
+  extern "C" __global__ void roi_align_rotated_box_reduce_##SUFFIX(long long n, const A* __restrict__ partial,   \
+                                                                   long long C, A* __restrict__ grad_rois) {     \
+    roi_align_rotated_box_reduce<A>(n, partial, C, grad_rois);                                                   \
   }
 
 ROI_ALIGN_ROTATED_ENTRY_POINTS(f16, __half, float)
