@@ -71,15 +71,14 @@ from . import geometry_prroi, geometry_rotated  # noqa: E402
 __all__ += [
     "roi_align_rotated",
     "roi_align_rotated_backward",
+    "roi_align_rotated_rois_backward",
     "prroi_pool",
     "prroi_pool_backward",
     "prroi_pool_rois_backward",
 ]
 roi_align_rotated = _dispatch("roi_align_rotated")
 roi_align_rotated_backward = _dispatch("roi_align_rotated_backward")
+roi_align_rotated_rois_backward = _dispatch("roi_align_rotated_rois_backward")
 prroi_pool = _dispatch("prroi_pool")
 prroi_pool_backward = _dispatch("prroi_pool_backward")
 prroi_pool_rois_backward = _dispatch("prroi_pool_rois_backward")
-
-__all__ += ["roi_align_rotated_rois_backward"]
-roi_align_rotated_rois_backward = _dispatch("roi_align_rotated_rois_backward")

@@ -25,16 +25,17 @@ __all__ = [
 ]
 
 from .prroi_pool import prroi_pool, prroi_pool_backward, prroi_pool_rois_backward  # noqa: E402
-from .roi_align_rotated import roi_align_rotated, roi_align_rotated_backward  # noqa: E402
+from .roi_align_rotated import (  # noqa: E402
+    roi_align_rotated,
+    roi_align_rotated_backward,
+    roi_align_rotated_rois_backward,
+)
 
 __all__ += [
     "roi_align_rotated",
     "roi_align_rotated_backward",
+    "roi_align_rotated_rois_backward",
     "prroi_pool",
     "prroi_pool_backward",
     "prroi_pool_rois_backward",
 ]
-
-from .roi_align_rotated import roi_align_rotated_rois_backward  # noqa: E402
-
-__all__ += ["roi_align_rotated_rois_backward"]
