@@ -204,6 +204,11 @@ class RotatedSamples:
     weight: np.ndarray
     grid: Tuple[int, int]
 
+    @property
+    def valid(self) -> np.ndarray:
+        """False for samples beyond ``[-1, H] x [-1, W]`` (they read 0 but still count)."""
+        return self.weight.sum(axis=-1) > 0
+
     def bins(self, output_size: Tuple[int, int]) -> np.ndarray:
         """Flat bin index ``ph * PW + pw`` of every sample, shape like ``y``."""
         ph, pw = output_size

@@ -729,7 +729,7 @@ def rotated_box_samples(
         y, x = gr.box_to_map(boxes, 0, np.array([-hh, hh]), np.array([xx, xx]))
         ax.plot(x, y, color=COLORS["bins"], lw=1)
     samples = gr.rotated_samples(boxes, 0, out, height, width)
-    inside = ~((samples.y < -1) | (samples.y > height) | (samples.x < -1) | (samples.x > width))
+    inside = samples.valid
     ax.scatter(samples.x[inside], samples.y[inside], s=marker_size, color=COLORS["samples"], zorder=5)
     if (~inside).any():
         ax.scatter(samples.x[~inside], samples.y[~inside], s=marker_size, facecolors="none",
