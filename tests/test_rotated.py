@@ -8,6 +8,7 @@ from roilib.geometry_rotated import (
     roi_align_rotated_boxes,
     rotated_corners,
     rotated_sample_points,
+    rotated_samples,
     to_axis_aligned,
 )
 
@@ -138,6 +139,15 @@ def test_rotated_corners_of_a_quarter_turn():
     corners = rotated_corners([0, 10.0, 20.0, 4.0, 2.0, 90.0], aligned=False)
     # (-w/2, -h/2) = (-2, -1) in the box frame goes to x = cx + yy = 9, y = cy - xx = 22
     np.testing.assert_allclose(corners, [[9, 22], [9, 18], [11, 18], [11, 22]], atol=1e-12)
+
+
+def test_samples_beyond_one_pixel_outside_the_map_are_invalid():
+    # a 4-wide box centred half a pixel left of the map, one sample per bin: x = -2 and 0
+    boxes = roi_align_rotated_boxes(np.array([[0, -0.5, 3.0, 4.0, 1.0, 0.0]]), (1, 2), 1.0, 1, True)
+    s = rotated_samples(boxes, 0, (1, 2), 6, 6)
+    np.testing.assert_array_equal(s.x, [[-2.0, 0.0]])
+    np.testing.assert_array_equal(s.valid, [[False, True]])
+    assert not s.weight[0, 0].any()
 
 
 def test_unaligned_raises_small_boxes_to_one_pixel_about_the_centre():
