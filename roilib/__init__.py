@@ -66,3 +66,21 @@ roi_align_rois_backward = _dispatch("roi_align_rois_backward")
 roi_warp = _dispatch("roi_warp")
 roi_warp_backward = _dispatch("roi_warp_backward")
 roi_warp_rois_backward = _dispatch("roi_warp_rois_backward")
+
+# Rotated RoIAlign and Precise RoI Pooling (issue 12)
+from . import geometry_prroi, geometry_rotated  # noqa: E402
+
+__all__ += [
+    "roi_align_rotated",
+    "roi_align_rotated_backward",
+    "roi_align_rotated_rois_backward",
+    "prroi_pool",
+    "prroi_pool_backward",
+    "prroi_pool_rois_backward",
+]
+roi_align_rotated = _dispatch("roi_align_rotated")
+roi_align_rotated_backward = _dispatch("roi_align_rotated_backward")
+roi_align_rotated_rois_backward = _dispatch("roi_align_rotated_rois_backward")
+prroi_pool = _dispatch("prroi_pool")
+prroi_pool_backward = _dispatch("prroi_pool_backward")
+prroi_pool_rois_backward = _dispatch("prroi_pool_rois_backward")

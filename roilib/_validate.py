@@ -253,3 +253,59 @@ def _is_int(v) -> bool:
 
 
 Rois = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+def check_rotated_rois(rois, input, name: str = "rois") -> np.ndarray:
+    """Normalise rotated boxes to a host ``(K, 6)`` array in the input's compute dtype.
+
+    Accepts a ``(K, 6)`` array ``[batch_index, cx, cy, w, h, angle_degrees]`` or a
+    list/tuple of per-image ``(K_i, 5)`` arrays ``[cx, cy, w, h, angle_degrees]``
+    (image ``i`` gets batch index ``i``). Widths and heights must be non-negative and
+    every entry finite (a NaN or infinite angle is an error, not a zero).
+    """
+    n_images = input.shape[0]
+    dtype = compute_dtype(input.dtype)
+    if isinstance(rois, (list, tuple)):
+        if len(rois) > n_images:
+            raise ValueError(
+                f"{name} is a list of {len(rois)} per-image box arrays but input has only {n_images} images"
+            )
+        parts = []
+        for i, boxes in enumerate(rois):
+            if not is_array(boxes):
+                raise TypeError(f"{name}[{i}] must be an array of shape (K_{i}, 5), got {type(boxes).__name__}")
+            boxes = to_host(boxes)
+            if boxes.ndim != 2 or boxes.shape[1] != 5:
+                raise ValueError(
+                    f"{name}[{i}] must have shape (K_{i}, 5) [cx, cy, w, h, angle_degrees], got shape {boxes.shape}"
+                )
+            _check_numeric(boxes, f"{name}[{i}]")
+            batch = np.full((boxes.shape[0], 1), i, dtype=np.float64)
+            parts.append(np.concatenate([batch, boxes.astype(np.float64)], axis=1))
+        out = np.concatenate(parts, axis=0) if parts else np.zeros((0, 6))
+    else:
+        if not is_array(rois):
+            raise TypeError(
+                f"{name} must be a (K, 6) array or a list of per-image (K_i, 5) arrays, got {type(rois).__name__}"
+            )
+        rois = to_host(rois)
+        if rois.ndim != 2 or rois.shape[1] != 6:
+            hint = (
+                "; rotated boxes are [batch_index, cx, cy, w, h, angle_degrees]: a (K, 5) array is either"
+                " axis-aligned [batch_index, x1, y1, x2, y2] (use roi_align) or lacks the batch index"
+                if rois.ndim == 2 and rois.shape[1] == 5
+                else ""
+            )
+            raise ValueError(
+                f"{name} must have shape (K, 6) [batch_index, cx, cy, w, h, angle_degrees], got shape {rois.shape}{hint}"
+            )
+        _check_numeric(rois, name)
+        out = rois.astype(np.float64)
+    if out.shape[0] and not np.isfinite(out[:, 5]).all():
+        bad = int(np.argwhere(~np.isfinite(out[:, 5]))[0, 0])
+        raise ValueError(f"{name}[:, 5] is the angle in degrees and must be finite; row {bad} has {out[bad, 5]}")
+    out = _check_boxes(out, n_images, name)
+    if (out[:, 3:5] < 0).any():
+        bad = int(np.argwhere((out[:, 3:5] < 0).any(axis=1))[0, 0])
+        raise ValueError(f"{name}[:, 3:5] are the width and height and must be non-negative; row {bad} is {out[bad].tolist()}")
+    return out.astype(dtype)

@@ -820,3 +820,135 @@ try:  # the book's style whenever matplotlib is there (the module itself needs i
     style()
 except ImportError:  # pragma: no cover - roilib without the plot extra
     pass
+
+    ax.legend(fontsize=fontsize - 1)
+
+
+# -- rotated RoIAlign and Precise RoI Pooling (issue 12) -------------------------------
+
+
+def rotated_box_samples(
+    ax,
+    roi: Sequence[float],
+    output_size,
+    spatial_scale: float,
+    sampling_ratio: int,
+    height: int,
+    width: int,
+    aligned: bool = True,
+    marker_size: float = 12,
+    color: Optional[str] = None,
+):
+    """A rotated box as ``roi_align_rotated`` sees it: outline, bin lines and samples.
+
+    Everything comes from :mod:`roilib.geometry_rotated`; out-of-range samples are drawn
+    hollow, and the box's first bin row is marked with a thicker edge (the ``ph = 0``
+    side) so that the rotation's direction can be read off. Returns the
+    ``RotatedSamples`` drawn.
+    """
+    from matplotlib.patches import Polygon
+
+    from . import geometry_rotated as gr
+
+    roi = np.asarray(roi, dtype=np.float64).reshape(1, 6)
+    out = (output_size, output_size) if np.isscalar(output_size) else tuple(output_size)
+    boxes = gr.roi_align_rotated_boxes(roi, out, spatial_scale, sampling_ratio, aligned)
+    color = color or COLORS["box"]
+    corners = gr.rotated_corners(roi[0], spatial_scale, aligned)
+    ax.add_patch(Polygon(corners, closed=True, fill=False, edgecolor=color, lw=2))
+    ax.plot(corners[:2, 0], corners[:2, 1], color=color, lw=4)
+    hh, hw = boxes.height[0] / 2, boxes.width[0] / 2
+    for p in range(1, out[0]):
+        yy = -hh + p * boxes.bin_h[0]
+        y, x = gr.box_to_map(boxes, 0, np.array([yy, yy]), np.array([-hw, hw]))
+        ax.plot(x, y, color=COLORS["bins"], lw=1)
+    for q in range(1, out[1]):
+        xx = -hw + q * boxes.bin_w[0]
+        y, x = gr.box_to_map(boxes, 0, np.array([-hh, hh]), np.array([xx, xx]))
+        ax.plot(x, y, color=COLORS["bins"], lw=1)
+    samples = gr.rotated_samples(boxes, 0, out, height, width)
+    inside = samples.valid
+    ax.scatter(samples.x[inside], samples.y[inside], s=marker_size, color=COLORS["samples"], zorder=5)
+    if (~inside).any():
+        ax.scatter(samples.x[~inside], samples.y[~inside], s=marker_size, facecolors="none",
+                   edgecolors=COLORS["samples"], zorder=5)  # fmt: skip
+    return samples
+
+
+def prroi_profile(ax, values: Sequence[float], lo: float, hi: float, n_samples: Sequence[int] = (), num: int = 801, fontsize: float = 8):
+    """PrRoIPool's 1-D interpolant of a row, the integral over ``[lo, hi]`` and midpoint sums.
+
+    The interpolant (pixel ``i`` at ``i``, 0 beyond one cell outside) is drawn from
+    :func:`roilib.geometry_prroi.hat`; the area under it between ``lo`` and ``hi`` is
+    shaded (its mean is PrRoIPool's output for a one-row map); for each ``n`` in
+    ``n_samples`` the ``n`` midpoint samples RoIAlign would take are drawn with their
+    rectangles, whose total area is RoIAlign's approximation of the same integral.
+    Returns ``(exact mean, {n: sampled mean})``.
+    """
+    from . import geometry_prroi as gp
+
+    values = np.asarray(values, dtype=np.float64)
+    j = np.arange(values.size)
+
+    def f(t):
+        return (values[None, :] * gp.hat(np.asarray(t, dtype=np.float64)[:, None] - j[None, :])).sum(axis=1)
+
+    t = np.linspace(-1.5, values.size + 0.5, num)
+    ax.plot(t, f(t), color="#333333", lw=1.5)
+    ax.scatter(j, values, color="#333333", s=14, zorder=5)
+    span = np.linspace(lo, hi, 200)
+    ax.fill_between(span, 0, f(span), color=COLORS["bins"], alpha=0.25, lw=0)
+    exact = float((values * gp.hat_integral(np.full(values.size, lo), np.full(values.size, hi), j)).sum() / (hi - lo))
+    sampled = {}
+    palette = [COLORS["samples"], COLORS["gained"], COLORS["box"]]
+    for m, n in enumerate(n_samples):
+        centres = lo + (np.arange(n) + 0.5) * (hi - lo) / n
+        heights = f(centres)
+        sampled[n] = float(heights.mean())
+        color = palette[m % len(palette)]
+        edges = lo + np.arange(n + 1) * (hi - lo) / n
+        ax.step(np.r_[edges[:-1], edges[-1]], np.r_[heights, heights[-1]], where="post", color=color, lw=1)
+        ax.scatter(centres, heights, color=color, s=12, zorder=6, label=f"{n} samples: mean {sampled[n]:.3f}")
+    ax.axvline(lo, color=COLORS["box"], ls="--", lw=1)
+    ax.axvline(hi, color=COLORS["box"], ls="--", lw=1)
+    ax.set_xlabel("x (pixel i at x = i)", fontsize=fontsize)
+    ax.tick_params(labelsize=fontsize)
+    if n_samples:
+        ax.legend(fontsize=fontsize - 1, loc="upper right", title=f"exact mean {exact:.3f}", title_fontsize=fontsize - 1)
+    return exact, sampled
+
+
+def error_vs_sampling_ratio(ax, ratios: Sequence[int], errors: dict, slope: float = -2.0, fontsize: float = 8):
+    """Log-log plot of error curves against the sampling ratio, with a reference slope.
+
+    ``errors`` maps a label to one error per ratio; the dashed line has the given slope
+    through the first point of the first curve.
+    """
+    ratios = np.asarray(ratios, dtype=np.float64)
+    for label, err in errors.items():
+        ax.loglog(ratios, err, marker="o", ms=4, lw=1.2, label=label)
+    first = np.asarray(next(iter(errors.values())), dtype=np.float64)[0]
+    ax.loglog(ratios, first * (ratios / ratios[0]) ** slope, ls="--", color=COLORS["grid"], lw=1,
+              label=f"slope {slope:g}")  # fmt: skip
+    ax.set_xlabel("sampling_ratio n (n x n samples per bin)", fontsize=fontsize)
+    ax.set_ylabel("max |roi_align - prroi_pool|", fontsize=fontsize)
+    ax.set_xticks(ratios)
+    ax.set_xticklabels([f"{r:g}" for r in ratios])
+    ax.tick_params(labelsize=fontsize)
+    ax.legend(fontsize=fontsize - 1)
+
+
+def box_path(ax, boxes: Sequence[Sequence[float]], color: Optional[str] = None, every: int = 1, lw: float = 1.4):
+    """A sequence of ``[x1, y1, x2, y2]`` boxes (index coordinates), fading from first to last.
+
+    The first box is dashed, the last solid and opaque; every ``every``-th box between
+    them is drawn faintly.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64)
+    color = color or COLORS["box"]
+    n = len(boxes)
+    for i in range(0, n, max(every, 1)):
+        if 0 < i < n - 1:
+            rectangle(ax, *boxes[i], edgecolor=color, lw=0.7, alpha=0.15 + 0.5 * i / n)
+    rectangle(ax, *boxes[0], edgecolor=color, lw=lw, ls="--")
+    rectangle(ax, *boxes[-1], edgecolor=color, lw=lw + 0.6)

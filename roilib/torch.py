@@ -145,11 +145,12 @@ def _run_cuda(name: str, tensors, args, kwargs, device: torch.device):
         return buffers.tensor_of(getattr(gpu, name)(*arrays, *args, **kwargs))
 
 
-def _run(name: str, tensors: Tuple[Tensor, ...], *args) -> Tensor:
+def _run(name: str, tensors: Tuple[Tensor, ...], *args, deterministic: Optional[bool] = None) -> Tensor:
     """Call op ``name`` of the tensors' backend: NumPy on the CPU, the kernels on CUDA.
 
     Tensors the kernels cannot read (bfloat16) are computed in float32 and the result
-    is returned in their dtype.
+    is returned in their dtype. ``deterministic`` overrides :func:`_deterministic` for a
+    CUDA input gradient.
     """
     first = tensors[0]
     narrow = first.dtype if first.is_floating_point() and first.dtype not in _NATIVE else None
@@ -158,7 +159,7 @@ def _run(name: str, tensors: Tuple[Tensor, ...], *args) -> Tensor:
     if first.is_cuda:
         kwargs = {}
         if name.endswith("backward") and not name.endswith("rois_backward"):
-            kwargs["deterministic"] = _deterministic()
+            kwargs["deterministic"] = _deterministic() if deterministic is None else deterministic
         out = _run_cuda(name, tensors, args, kwargs, first.device)
     else:
         arrays = [_to_array(t) for t in tensors]
@@ -806,3 +807,205 @@ def _register_onnx_symbolics() -> None:
 
 
 _register_onnx_symbolics()
+
+
+# ------------------------------------------- rotated RoIAlign and Precise RoI Pooling
+#
+# Their CUDA input gradients exist only with atomics: the bridge uses them unless
+# torch.use_deterministic_algorithms(True) is set, and then raises (or warns, with
+# warn_only=True) as torchvision's ops do.
+
+
+def _alert_not_deterministic(name: str) -> None:
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        f"{name} does not have a deterministic implementation, but you set "
+        "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for "
+        "this operation, or you can use the 'warn_only=True' option, if that's acceptable "
+        "for your application."
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        import warnings
+
+        warnings.warn(message)
+        return
+    raise RuntimeError(message)
+
+
+def _run_atomic(name: str, tensors: Tuple[Tensor, ...], *args) -> Tensor:
+    """:func:`_run` for ops whose CUDA input gradient exists only with atomics: under
+    ``torch.use_deterministic_algorithms(True)`` it raises (or warns) as torchvision's
+    ops do."""
+    if tensors[0].is_cuda and name.endswith("_backward") and not name.endswith("rois_backward"):
+        _alert_not_deterministic(f"roilib::{name}")
+        return _run(name, tensors, *args, deterministic=False)
+    return _run(name, tensors, *args)
+
+
+def _as_rotated_rois(boxes: BoxesLike, input: Tensor) -> Tensor:
+    """``(K, 6)`` rotated boxes from a tensor or a list of per-image ``(K_i, 5)`` tensors."""
+    if isinstance(boxes, (list, tuple)):
+        for i, b in enumerate(boxes):
+            if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 5:
+                raise ValueError(f"boxes[{i}] must be a tensor of shape (K_{i}, 5) [cx, cy, w, h, angle_degrees]")
+        if not boxes:
+            return input.new_zeros((0, 6))
+        index = torch.cat([torch.full((b.shape[0], 1), float(i), dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
+        return torch.cat([index, torch.cat(list(boxes))], dim=1)
+    if not isinstance(boxes, Tensor):
+        raise TypeError(f"boxes must be a (K, 6) tensor or a list of (K_i, 5) tensors, got {type(boxes).__name__}")
+    return boxes
+
+
+@torch.library.custom_op("roilib::roi_align_rotated", mutates_args=())
+def _roi_align_rotated(input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    return _run_atomic("roi_align_rotated", (input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio, aligned)
+
+
+@_roi_align_rotated.register_fake
+def _(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    return input.new_empty((rois.shape[0], input.shape[1], output_size[0], output_size[1]))
+
+
+@torch.library.custom_op("roilib::roi_align_rotated_backward", mutates_args=())
+def _roi_align_rotated_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    return _run_atomic("roi_align_rotated_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio, aligned)
+
+
+@_roi_align_rotated_backward.register_fake
+def _(grad, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op("roilib::roi_align_rotated_rois_backward", mutates_args=())
+def _roi_align_rotated_rois_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    out = _run_atomic("roi_align_rotated_rois_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio, aligned)
+    return out.to(rois.dtype)
+
+
+@_roi_align_rotated_rois_backward.register_fake
+def _(grad, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    return torch.empty_like(rois)
+
+
+@torch.library.custom_op("roilib::prroi_pool", mutates_args=())
+def _prroi_pool(input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float) -> Tensor:
+    return _run_atomic("prroi_pool", (input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale)
+
+
+@_prroi_pool.register_fake
+def _(input, rois, output_size, spatial_scale):
+    return input.new_empty((rois.shape[0], input.shape[1], output_size[0], output_size[1]))
+
+
+@torch.library.custom_op("roilib::prroi_pool_backward", mutates_args=())
+def _prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float) -> Tensor:
+    return _run_atomic("prroi_pool_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale)
+
+
+@_prroi_pool_backward.register_fake
+def _(grad, input, rois, output_size, spatial_scale):
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op("roilib::prroi_pool_rois_backward", mutates_args=())
+def _prroi_pool_rois_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float) -> Tensor:
+    out = _run_atomic("prroi_pool_rois_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale)
+    return out.to(rois.dtype)
+
+
+@_prroi_pool_rois_backward.register_fake
+def _(grad, input, rois, output_size, spatial_scale):
+    return torch.empty_like(rois)
+
+
+_register_backward(_roi_align_rotated, _roi_align_rotated_backward, _roi_align_rotated_rois_backward)
+_register_backward(_prroi_pool, _prroi_pool_backward, _prroi_pool_rois_backward)
+
+
+def roi_align_rotated(
+    input: Tensor,
+    boxes: BoxesLike,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = True,
+) -> Tensor:
+    """Rotated RoIAlign (detectron2's ``ROIAlignRotated``), differentiable in ``input`` and
+    in the box coordinates (centre, size and angle).
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, H, W)
+    boxes : Tensor (K, 6) ``[batch_index, cx, cy, w, h, angle_degrees]`` or list of
+        (K_i, 5) Tensors ``[cx, cy, w, h, angle_degrees]``
+    output_size : int or (int, int)
+    spatial_scale : float
+    sampling_ratio : int
+    aligned : bool
+        ``True`` (detectron2); ``False`` is mmcv's legacy option.
+
+    Returns
+    -------
+    Tensor, shape (K, C, PH, PW)
+    """
+    return _roi_align_rotated(
+        input, _as_rotated_rois(boxes, input), _pair(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned)
+    )
+
+
+def prroi_pool(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0) -> Tensor:
+    """Precise RoI Pooling (IoU-Net), differentiable in ``input`` and in the box coordinates.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, H, W)
+    boxes : Tensor (K, 5) ``[batch_index, x1, y1, x2, y2]`` or list of (K_i, 4) Tensors
+    output_size : int or (int, int)
+    spatial_scale : float
+
+    Returns
+    -------
+    Tensor, shape (K, C, PH, PW)
+    """
+    return _prroi_pool(input, _as_rois(boxes, input), _pair(output_size), float(spatial_scale))
+
+
+class RoIAlignRotated(nn.Module):
+    """``nn.Module`` form of :func:`roi_align_rotated` (detectron2's ``ROIAlignRotated``)."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = True):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+        self.sampling_ratio, self.aligned = sampling_ratio, aligned
+
+    def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
+        return roi_align_rotated(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )
+
+
+class PrRoIPool(nn.Module):
+    """``nn.Module`` form of :func:`prroi_pool` (mmcv's ``PrRoIPool``)."""
+
+    def __init__(self, output_size, spatial_scale: float = 1.0):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+
+    def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
+        return prroi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
+
+
+__all__ += ["roi_align_rotated", "prroi_pool", "RoIAlignRotated", "PrRoIPool"]
+
+
+for _name in ("roi_align_rotated", "prroi_pool"):
+    _register_autocast(_name)

@@ -138,3 +138,24 @@ def test_kernels_compile_with_nvrtc(family, arch):
     for name, args in LAUNCHES[family].items():
         assert name in entries, f"{name} is launched by the host code but not in the PTX"
         assert entries[name] == [_param_kind(a) for a in args], f"{name}: host arguments and kernel parameters differ"
+
+
+def _record_rotated_and_prroi(launches):
+    """Issue 12's families: every kernel their host code launches (atomic backward only)."""
+    rec = _Recorder()
+    for dtype in (np.float16, np.float32, np.float64):
+        x = np.ones((1, 2, 5, 6), dtype=dtype)
+        g = np.ones((1, 2, 2, 2), dtype=dtype)
+        rotated = np.array([[0, 2.5, 2.0, 3.0, 2.0, 30.0]])
+        rois = np.array([[0, 0.5, 0.5, 4.0, 3.0]])
+        for aligned in (True, False):
+            rec.roi_align_rotated(x, rotated, 2, aligned=aligned)
+            rec.roi_align_rotated_backward(g, x, rotated, 2, aligned=aligned, deterministic=False)
+            rec.roi_align_rotated_rois_backward(g, x, rotated, 2, aligned=aligned)
+        rec.prroi_pool(x, rois, 2)
+        rec.prroi_pool_backward(g, x, rois, 2, deterministic=False)
+        rec.prroi_pool_rois_backward(g, x, rois, 2)
+    launches.update(rec.launches)
+
+
+_record_rotated_and_prroi(LAUNCHES)

@@ -544,3 +544,190 @@ class KernelOps:
                 g, x, *_ints(c, h, w, level, offset, width, m, index == 0), grad,
             )  # fmt: skip
         return self._cast(grad, x.dtype)
+
+    # -- rotated RoIAlign and Precise RoI Pooling (issue 12) ---------------------------
+
+    def _rotated_args(self, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+        x = self._input(input)
+        ph, pw = v.check_output_size(output_size)
+        host = v.check_rotated_rois(rois, x)
+        r = self.xp.asarray(np.ascontiguousarray(host))
+        # cos and sin once per box, exactly as the NumPy reference computes them
+        trig = self.xp.asarray(np.ascontiguousarray(np.stack(angle_cos_sin(host[:, 5], host.dtype), axis=1)))
+        scale = _real(x.dtype, v.check_spatial_scale(spatial_scale))
+        box = (scale, *_ints(v.check_sampling_ratio(sampling_ratio), v.check_aligned(aligned)))
+        return x, (r, trig), ph, pw, box
+
+    @staticmethod
+    def _no_deterministic_kernel(op: str, deterministic: bool) -> None:
+        if deterministic:
+            raise NotImplementedError(
+                f"{op} has no deterministic kernel yet: call it with deterministic=False "
+                "(floating-point atomics; the order of additions varies run to run)"
+            )
+
+    @_on_device
+    def roi_align_rotated(self, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True):
+        """Rotated RoIAlign forward.
+
+        Parameters
+        ----------
+        input, rois, output_size, spatial_scale, sampling_ratio, aligned
+            As in ``roilib.reference.roi_align_rotated``.
+
+        Returns
+        -------
+        array, shape (K, C, PH, PW), the input's dtype
+        """
+        x, (r, trig), ph, pw, box = self._rotated_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        n, c, h, w = x.shape
+        out = self._empty((r.shape[0], c, ph, pw), x.dtype)
+        self._run("roi_align_rotated", "forward", x.dtype, out.size, x, r, trig, *_longs(c, h, w, ph, pw), *box, out)
+        return out
+
+    @_on_device
+    def roi_align_rotated_backward(
+        self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
+        deterministic=False,
+    ):
+        """Gradient of ``roi_align_rotated`` with respect to ``input`` (atomic scatter).
+
+        Parameters
+        ----------
+        grad_output : array, shape (K, C, PH, PW)
+        input, rois, output_size, spatial_scale, sampling_ratio, aligned
+            As in ``roilib.reference.roi_align_rotated``.
+        deterministic : bool
+            Must be ``False``: there is no deterministic kernel for this op yet, and
+            ``True`` raises ``NotImplementedError``.
+
+        Returns
+        -------
+        array, shape (N, C, H, W), the input's dtype
+        """
+        self._no_deterministic_kernel("roi_align_rotated_backward", deterministic)
+        x, (r, trig), ph, pw, box = self._rotated_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        n, c, h, w = x.shape
+        g = self._grad(grad_output, (r.shape[0], c, ph, pw), x)
+        grad = self._zeros_acc(x.shape, x.dtype)
+        dims = _longs(c, h, w, ph, pw)
+        self._run("roi_align_rotated", "backward_atomic", x.dtype, g.size, g, r, trig, *dims, *box, grad)
+        return grad.astype(x.dtype, copy=False)
+
+    @_on_device
+    def roi_align_rotated_rois_backward(
+        self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+    ):
+        """Gradient of ``roi_align_rotated`` with respect to the boxes.
+
+        Always deterministic: one partial sum per (box, channel), then one sum over the
+        channels per box, in channel order.
+
+        Parameters
+        ----------
+        grad_output : array, shape (K, C, PH, PW)
+        input, rois, output_size, spatial_scale, sampling_ratio, aligned
+            As in ``roilib.reference.roi_align_rotated_rois_backward``.
+
+        Returns
+        -------
+        array, shape (K, 6), the input's dtype
+            ``d loss / d [batch_index, cx, cy, w, h, angle_degrees]``; the batch column is 0.
+        """
+        x, (r, trig), ph, pw, box = self._rotated_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        n, c, h, w = x.shape
+        k = r.shape[0]
+        g = self._grad(grad_output, (k, c, ph, pw), x)
+        acc = v.compute_dtype(x.dtype)
+        partial = self._empty((k, c, 5), acc)
+        out = self._empty((k, 6), acc)
+        dims = _longs(c, h, w, ph, pw)
+        self._run("roi_align_rotated", "box_partial", x.dtype, k * c, g, x, r, trig, *dims, *box, partial)
+        self._run("roi_align_rotated", "box_reduce", x.dtype, k * 6, partial, np.int64(c), out)
+        return out.astype(x.dtype, copy=False)
+
+    @_on_device
+    def prroi_pool(self, input, rois, output_size, spatial_scale=1.0):
+        """Precise RoI Pooling forward.
+
+        Parameters
+        ----------
+        input, rois, output_size, spatial_scale
+            As in ``roilib.reference.prroi_pool``.
+
+        Returns
+        -------
+        array, shape (K, C, PH, PW), the input's dtype
+        """
+        x, r, ph, pw, scale = self._box_args(input, rois, output_size, spatial_scale)
+        n, c, h, w = x.shape
+        out = self._empty((r.shape[0], c, ph, pw), x.dtype)
+        self._run("prroi_pool", "forward", x.dtype, out.size, x, r, *_longs(c, h, w, ph, pw), scale, out)
+        return out
+
+    @_on_device
+    def prroi_pool_backward(self, grad_output, input, rois, output_size, spatial_scale=1.0, deterministic=False):
+        """Gradient of ``prroi_pool`` with respect to ``input`` (atomic scatter).
+
+        Parameters
+        ----------
+        grad_output : array, shape (K, C, PH, PW)
+        input, rois, output_size, spatial_scale
+            As in ``roilib.reference.prroi_pool``.
+        deterministic : bool
+            Must be ``False``: there is no deterministic kernel for this op yet, and
+            ``True`` raises ``NotImplementedError``.
+
+        Returns
+        -------
+        array, shape (N, C, H, W), the input's dtype
+        """
+        self._no_deterministic_kernel("prroi_pool_backward", deterministic)
+        x, r, ph, pw, scale = self._box_args(input, rois, output_size, spatial_scale)
+        n, c, h, w = x.shape
+        g = self._grad(grad_output, (r.shape[0], c, ph, pw), x)
+        grad = self._zeros_acc(x.shape, x.dtype)
+        self._run("prroi_pool", "backward_atomic", x.dtype, g.size, g, r, *_longs(c, h, w, ph, pw), scale, grad)
+        return grad.astype(x.dtype, copy=False)
+
+    @_on_device
+    def prroi_pool_rois_backward(self, grad_output, input, rois, output_size, spatial_scale=1.0):
+        """Gradient of ``prroi_pool`` with respect to the box coordinates.
+
+        Always deterministic: one partial sum per (box, channel), then one sum over the
+        channels per box, in channel order.
+
+        Parameters
+        ----------
+        grad_output : array, shape (K, C, PH, PW)
+        input, rois, output_size, spatial_scale
+            As in ``roilib.reference.prroi_pool_rois_backward``.
+
+        Returns
+        -------
+        array, shape (K, 5), the input's dtype
+            ``d loss / d [batch_index, x1, y1, x2, y2]``; the batch column is 0.
+        """
+        x, r, ph, pw, scale = self._box_args(input, rois, output_size, spatial_scale)
+        n, c, h, w = x.shape
+        k = r.shape[0]
+        g = self._grad(grad_output, (k, c, ph, pw), x)
+        acc = v.compute_dtype(x.dtype)
+        partial = self._empty((k, c, 4), acc)
+        out = self._empty((k, 5), acc)
+        dims = _longs(c, h, w, ph, pw)
+        self._run("prroi_pool", "box_partial", x.dtype, k * c, g, x, r, *dims, scale, partial)
+        self._run("prroi_pool", "box_reduce", x.dtype, k * 5, partial, np.int64(c), out)
+        return out.astype(x.dtype, copy=False)
+
+
+def angle_cos_sin(angle_degrees, dtype):
+    """``roilib.geometry_rotated.angle_cos_sin`` (imported late: the geometry needs no host code)."""
+    from ..geometry_rotated import angle_cos_sin as f
+
+    return f(angle_degrees, dtype)
+
+
+def _longs(*values):
+    """Sizes as the kernels of issue 12 take them: ``long long`` (``np.int64``)."""
+    return tuple(np.int64(x) for x in values)

@@ -78,3 +78,6 @@ def cuda_include_dirs() -> List[str]:
             if (root / sub / "cuda_fp16.h").is_file():
                 dirs.append(str(root / sub))
     return dirs
+
+# issue 12: rotated RoIAlign and Precise RoI Pooling
+FAMILIES = FAMILIES + ("roi_align_rotated", "prroi_pool")

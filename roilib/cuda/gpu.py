@@ -153,3 +153,19 @@ roi_align_rois_backward = _ops.roi_align_rois_backward
 roi_warp = _ops.roi_warp
 roi_warp_backward = _ops.roi_warp_backward
 roi_warp_rois_backward = _ops.roi_warp_rois_backward
+
+# issue 12: rotated RoIAlign and Precise RoI Pooling
+__all__ += [
+    "roi_align_rotated",
+    "roi_align_rotated_backward",
+    "roi_align_rotated_rois_backward",
+    "prroi_pool",
+    "prroi_pool_backward",
+    "prroi_pool_rois_backward",
+]
+roi_align_rotated = _ops.roi_align_rotated
+roi_align_rotated_backward = _ops.roi_align_rotated_backward
+roi_align_rotated_rois_backward = _ops.roi_align_rotated_rois_backward
+prroi_pool = _ops.prroi_pool
+prroi_pool_backward = _ops.prroi_pool_backward
+prroi_pool_rois_backward = _ops.prroi_pool_rois_backward

@@ -23,3 +23,19 @@ __all__ = [
     "roi_warp_backward",
     "roi_warp_rois_backward",
 ]
+
+from .prroi_pool import prroi_pool, prroi_pool_backward, prroi_pool_rois_backward  # noqa: E402
+from .roi_align_rotated import (  # noqa: E402
+    roi_align_rotated,
+    roi_align_rotated_backward,
+    roi_align_rotated_rois_backward,
+)
+
+__all__ += [
+    "roi_align_rotated",
+    "roi_align_rotated_backward",
+    "roi_align_rotated_rois_backward",
+    "prroi_pool",
+    "prroi_pool_backward",
+    "prroi_pool_rois_backward",
+]
