@@ -99,33 +99,39 @@ def _check_list_length(rois, n_images: int, name: str) -> None:
         raise ValueError(f"{name} is a list of {len(rois)} per-image box arrays but input has only {n_images} images")
 
 
-def _check_is_rois_array(rois, name: str) -> None:
+def _check_is_rois_array(rois, name: str, columns: int = 5) -> None:
     if not is_array(rois):
         raise TypeError(
-            f"{name} must be a (K, 5) array or a list of per-image (K_i, 4) arrays, got {type(rois).__name__}"
+            f"{name} must be a (K, {columns}) array or a list of per-image (K_i, {columns - 1}) arrays, "
+            f"got {type(rois).__name__}"
         )
 
 
-def _check_image_boxes_shape(boxes, label: str, i: int) -> None:
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"{label} must have shape (K_{i}, 4) [x1, y1, x2, y2], got shape {tuple(boxes.shape)}")
+def _check_image_boxes_shape(boxes, label: str, i: int, columns: int = 4) -> None:
+    if boxes.ndim != 2 or boxes.shape[1] != columns:
+        layout = _ROW_LAYOUT[columns + 1].replace("batch_index, ", "")
+        raise ValueError(f"{label} must have shape (K_{i}, {columns}) {layout}, got shape {tuple(boxes.shape)}")
 
 
-def _check_rois_shape(rois, name: str) -> None:
-    if rois.ndim != 2 or rois.shape[1] != 5:
-        hint = (
-            "; a (K, 4) array lacks the batch index: prepend it or pass a list of per-image arrays"
-            if rois.ndim == 2 and rois.shape[1] == 4
-            else ""
-        )
+def _check_rois_shape(rois, name: str, columns: int = 5) -> None:
+    if rois.ndim != 2 or rois.shape[1] != columns:
+        hint = ""
+        if rois.ndim == 2 and rois.shape[1] == columns - 1:
+            hint = "; a (K, {}) array lacks the batch index: prepend it or pass a list of per-image arrays".format(
+                columns - 1
+            )
         raise ValueError(
-            f"{name} must have shape (K, 5) [batch_index, x1, y1, x2, y2], got shape {tuple(rois.shape)}{hint}"
+            f"{name} must have shape (K, {columns}) {_ROW_LAYOUT[columns]}, got shape {tuple(rois.shape)}{hint}"
         )
 
 
-def check_rois_on_device(rois, input, xp, name: str = "rois"):
-    """``rois`` as a contiguous device ``(K, 5)`` array in the input's compute dtype,
-    checked and built without reading a value (no device-to-host copy, no sync).
+_ROW_LAYOUT = {5: "[batch_index, x1, y1, x2, y2]", 6: "[batch_index, cx, cy, w, h, angle_degrees]"}
+
+
+def check_rois_on_device(rois, input, xp, name: str = "rois", columns: int = 5):
+    """``rois`` as a contiguous device ``(K, columns)`` array in the input's compute
+    dtype (5 columns: axis-aligned boxes; 6: rotated boxes), checked and built without
+    reading a value (no device-to-host copy, no sync).
 
     Shapes, dtypes, list lengths and devices are checked here, from metadata. The
     values (finite coordinates, an integral batch index in ``[0, N)``) are checked by
@@ -149,13 +155,13 @@ def check_rois_on_device(rois, input, xp, name: str = "rois"):
         parts = []
         for i, boxes in enumerate(rois):
             on_input_device(boxes, f"{name}[{i}]")
-            _check_image_boxes_shape(boxes, f"{name}[{i}]", i)
+            _check_image_boxes_shape(boxes, f"{name}[{i}]", i, columns - 1)
             parts.append(xp.concatenate([xp.full((boxes.shape[0], 1), i, dtype=dtype), boxes.astype(dtype)], axis=1))
         out = xp.concatenate(parts, axis=0) if parts else xp.zeros((0, 5), dtype=dtype)
         return xp.ascontiguousarray(out)
-    _check_is_rois_array(rois, name)
+    _check_is_rois_array(rois, name, columns)
     on_input_device(rois, name)
-    _check_rois_shape(rois, name)
+    _check_rois_shape(rois, name, columns)
     return xp.ascontiguousarray(rois.astype(dtype, copy=False))
 
 

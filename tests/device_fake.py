@@ -73,6 +73,9 @@ class FakeDeviceArray:
     def __len__(self):
         return len(self._data)
 
+    def __mul__(self, other):
+        return FakeDeviceArray(self._data * _host(other), self.device)
+
     def astype(self, dtype, copy=True):
         return FakeDeviceArray(self._data.astype(dtype, copy=copy), self.device)
 
@@ -101,6 +104,9 @@ xp = types.SimpleNamespace(
     asarray=lambda a, dtype=None: a if isinstance(a, FakeDeviceArray) else _here(np.asarray(a, dtype)),
     ascontiguousarray=lambda a: FakeDeviceArray(np.ascontiguousarray(a._data), a.device),
     concatenate=lambda arrays, axis=0: _here(np.concatenate([_host(a) for a in arrays], axis=axis)),
+    stack=lambda arrays, axis=0: _here(np.stack([_host(a) for a in arrays], axis=axis)),
+    cos=lambda a: FakeDeviceArray(np.cos(a._data), a.device),
+    sin=lambda a: FakeDeviceArray(np.sin(a._data), a.device),
 )
 
 

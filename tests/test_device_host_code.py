@@ -206,3 +206,56 @@ def test_every_public_op_runs_in_a_device_scope():
     assert "roi_align_rois_backward" in ops
     for name in ops:
         assert hasattr(getattr(KernelOps, name), "__wrapped__"), f"KernelOps.{name} is not wrapped by _on_device"
+
+
+# -- the newer members: Precise RoI Pooling and rotated RoIAlign ---------------------------
+
+
+def _rotated_case(dtype=np.float64):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 11, 13)).astype(dtype)
+    k = 8
+    rois = np.stack(
+        [rng.integers(0, 2, k), rng.uniform(0, 26, k), rng.uniform(0, 22, k),
+         rng.uniform(1, 12, k), rng.uniform(1, 10, k), rng.uniform(-180, 180, k)], 1
+    )  # fmt: skip
+    return x, rois
+
+
+def test_prroi_pool_on_a_device_reads_nothing_back_and_runs_where_its_arrays_are():
+    x, rois = make_case(np.float64, spatial_scale=SCALE)
+    ops = FakeDeviceOps()
+    out = ops.prroi_pool(to_device(x, 1), to_device(rois, 1), SIZE, SCALE)
+    g = grad_like(out._data)
+    grad = ops.prroi_pool_backward(to_device(g, 1), to_device(x, 1), to_device(rois, 1), SIZE, SCALE)
+    boxes = ops.prroi_pool_rois_backward(to_device(g, 1), to_device(x, 1), to_device(rois, 1), SIZE, SCALE)
+    assert Device.transfers == 0 and set(ops.launched_on) == {1}
+    np.testing.assert_array_equal(out._data, cpu.prroi_pool(x, rois, SIZE, SCALE))
+    np.testing.assert_array_equal(grad._data, cpu.prroi_pool_backward(g, x, rois, SIZE, SCALE))
+    np.testing.assert_array_equal(boxes._data, cpu.prroi_pool_rois_backward(g, x, rois, SIZE, SCALE))
+
+
+def test_rotated_roi_align_on_a_device_reads_nothing_back_and_runs_where_its_arrays_are():
+    x, rois = _rotated_case()
+    ops = FakeDeviceOps()
+    out = ops.roi_align_rotated(to_device(x, 1), to_device(rois, 1), SIZE, SCALE, 2)
+    g = grad_like(out._data)
+    grad = ops.roi_align_rotated_backward(to_device(g, 1), to_device(x, 1), to_device(rois, 1), SIZE, SCALE, 2)
+    assert Device.transfers == 0 and set(ops.launched_on) == {1}
+    np.testing.assert_allclose(out._data, ref.roi_align_rotated(x, rois, SIZE, SCALE, 2), rtol=1e-12, atol=1e-12)
+    expected = ref.roi_align_rotated_backward(g, x, rois, SIZE, SCALE, 2)
+    np.testing.assert_allclose(grad._data, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_rotated_and_prroi_rows_on_a_device_give_nan():
+    x, rois = _rotated_case()
+    bad = rois.copy()
+    bad[1, 0] = 9  # batch index past the 2 images
+    bad[2, 5] = np.inf  # infinite angle
+    bad[3, 3] = -2.0  # negative width
+    out = FakeDeviceOps().roi_align_rotated(to_device(x), to_device(bad), SIZE, SCALE, 2)._data
+    assert np.isnan(out[1:4]).all() and not np.isnan(out[[0, 4, 5, 6, 7]]).any()
+    x5, rois5 = make_case(np.float64, spatial_scale=SCALE)
+    rois5[0, 0] = 0.5
+    out5 = FakeDeviceOps().prroi_pool(to_device(x5), to_device(rois5), SIZE, SCALE)._data
+    assert np.isnan(out5[0]).all() and not np.isnan(out5[1:]).any()

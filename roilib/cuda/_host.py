@@ -550,10 +550,16 @@ class KernelOps:
     def _rotated_args(self, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
         x = self._input(input)
         ph, pw = v.check_output_size(output_size)
-        host = v.check_rotated_rois(rois, x)
-        r = self.xp.asarray(np.ascontiguousarray(host))
-        # cos and sin once per box, exactly as the NumPy reference computes them
-        trig = self.xp.asarray(np.ascontiguousarray(np.stack(angle_cos_sin(host[:, 5], host.dtype), axis=1)))
+        if self.on_host:
+            r = np.ascontiguousarray(v.check_rotated_rois(rois, x))
+            # cos and sin once per box, exactly as the NumPy reference computes them
+            trig = np.ascontiguousarray(np.stack(angle_cos_sin(r[:, 5], r.dtype), axis=1))
+        else:
+            # device boxes: metadata checks here, values in the kernel (no transfer);
+            # cos and sin computed on the device, in float64 like the reference
+            r = v.check_rois_on_device(rois, x, self.xp, columns=6)
+            theta = r[:, 5].astype(np.float64) * (np.pi / 180.0)
+            trig = self.xp.ascontiguousarray(self.xp.stack([self.xp.cos(theta), self.xp.sin(theta)], axis=1).astype(r.dtype))
         scale = _real(x.dtype, v.check_spatial_scale(spatial_scale))
         box = (scale, *_ints(v.check_sampling_ratio(sampling_ratio), v.check_aligned(aligned)))
         return x, (r, trig), ph, pw, box
@@ -582,7 +588,7 @@ class KernelOps:
         x, (r, trig), ph, pw, box = self._rotated_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
         n, c, h, w = x.shape
         out = self._empty((r.shape[0], c, ph, pw), x.dtype)
-        self._run("roi_align_rotated", "forward", x.dtype, out.size, x, r, trig, *_longs(c, h, w, ph, pw), *box, out)
+        self._run("roi_align_rotated", "forward", x.dtype, out.size, x, r, trig, *_longs(n, c, h, w, ph, pw), *box, out)
         return out
 
     @_on_device
@@ -610,9 +616,9 @@ class KernelOps:
         n, c, h, w = x.shape
         g = self._grad(grad_output, (r.shape[0], c, ph, pw), x)
         grad = self._zeros_acc(x.shape, x.dtype)
-        dims = _longs(c, h, w, ph, pw)
+        dims = _longs(n, c, h, w, ph, pw)
         self._run("roi_align_rotated", "backward_atomic", x.dtype, g.size, g, r, trig, *dims, *box, grad)
-        return grad.astype(x.dtype, copy=False)
+        return self._cast(grad, x.dtype)
 
     @_on_device
     def roi_align_rotated_rois_backward(
@@ -641,10 +647,10 @@ class KernelOps:
         acc = v.compute_dtype(x.dtype)
         partial = self._empty((k, c, 5), acc)
         out = self._empty((k, 6), acc)
-        dims = _longs(c, h, w, ph, pw)
+        dims = _longs(n, c, h, w, ph, pw)
         self._run("roi_align_rotated", "box_partial", x.dtype, k * c, g, x, r, trig, *dims, *box, partial)
         self._run("roi_align_rotated", "box_reduce", x.dtype, k * 6, partial, np.int64(c), out)
-        return out.astype(x.dtype, copy=False)
+        return self._cast(out, x.dtype)
 
     @_on_device
     def prroi_pool(self, input, rois, output_size, spatial_scale=1.0):
@@ -662,7 +668,7 @@ class KernelOps:
         x, r, ph, pw, scale = self._box_args(input, rois, output_size, spatial_scale)
         n, c, h, w = x.shape
         out = self._empty((r.shape[0], c, ph, pw), x.dtype)
-        self._run("prroi_pool", "forward", x.dtype, out.size, x, r, *_longs(c, h, w, ph, pw), scale, out)
+        self._run("prroi_pool", "forward", x.dtype, out.size, x, r, *_longs(n, c, h, w, ph, pw), scale, out)
         return out
 
     @_on_device
@@ -687,8 +693,8 @@ class KernelOps:
         n, c, h, w = x.shape
         g = self._grad(grad_output, (r.shape[0], c, ph, pw), x)
         grad = self._zeros_acc(x.shape, x.dtype)
-        self._run("prroi_pool", "backward_atomic", x.dtype, g.size, g, r, *_longs(c, h, w, ph, pw), scale, grad)
-        return grad.astype(x.dtype, copy=False)
+        self._run("prroi_pool", "backward_atomic", x.dtype, g.size, g, r, *_longs(n, c, h, w, ph, pw), scale, grad)
+        return self._cast(grad, x.dtype)
 
     @_on_device
     def prroi_pool_rois_backward(self, grad_output, input, rois, output_size, spatial_scale=1.0):
@@ -715,10 +721,10 @@ class KernelOps:
         acc = v.compute_dtype(x.dtype)
         partial = self._empty((k, c, 4), acc)
         out = self._empty((k, 5), acc)
-        dims = _longs(c, h, w, ph, pw)
+        dims = _longs(n, c, h, w, ph, pw)
         self._run("prroi_pool", "box_partial", x.dtype, k * c, g, x, r, *dims, scale, partial)
         self._run("prroi_pool", "box_reduce", x.dtype, k * 5, partial, np.int64(c), out)
-        return out.astype(x.dtype, copy=False)
+        return self._cast(out, x.dtype)
 
 
 def angle_cos_sin(angle_degrees, dtype):

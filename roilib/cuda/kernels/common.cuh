@@ -75,12 +75,17 @@ __device__ __forceinline__ double eps_of(double) { return 2.220446049250313e-16;
 // --use_fast_math, so inf and NaN propagate). A bad row outputs NaN and routes no
 // gradient, so it can never read outside the map nor pass unnoticed.
 template <class A>
-__device__ __forceinline__ bool roi_is_valid(const A* roi, int N) {
+__device__ __forceinline__ bool roi_row_is_valid(const A* roi, long long N, int columns) {
   A b = roi[0];
   if (!(b >= (A)0 && b < (A)N && b == floor(b))) return false;
-  for (int j = 1; j < 5; ++j)
+  for (int j = 1; j < columns; ++j)
     if (!(roi[j] - roi[j] == (A)0)) return false;
   return true;
+}
+
+template <class A>
+__device__ __forceinline__ bool roi_is_valid(const A* roi, int N) {
+  return roi_row_is_valid(roi, N, 5);
 }
 
 // Float-to-int conversion that stays defined for any finite value: clamp to

@@ -34,13 +34,20 @@ __device__ __forceinline__ A hat_integral(A lo, A hi, long long j) {
 // One box: its start, bin size and bin area (0: every bin outputs 0).
 template <class A>
 struct PrBox {
+  bool valid;  // roi_is_valid (device boxes are checked here, not on the host)
   long long batch;
   A x1, y1, bin_w, bin_h, area;
 };
 
 template <class A>
-__device__ PrBox<A> pr_box(const A* __restrict__ roi, A scale, long long PH, long long PW) {
+__device__ PrBox<A> pr_box(const A* __restrict__ roi, A scale, long long N, long long PH, long long PW) {
   PrBox<A> b;
+  b.valid = roi_row_is_valid(roi, N, 5);
+  if (!b.valid) {
+    b.batch = 0;
+    b.x1 = b.y1 = b.bin_w = b.bin_h = b.area = 0;  // an empty box: no pixel is read
+    return b;
+  }
   b.batch = (long long)roi[0];
   b.x1 = roi[1] * scale;
   b.y1 = roi[2] * scale;
@@ -68,15 +75,15 @@ __device__ __forceinline__ void pixel_span(A lo, A hi, long long size, long long
 
 // Forward: one work item per output element (k, c, ph, pw).
 template <class T, class A>
-__device__ void prroi_pool_forward(long long n, const T* __restrict__ input, const A* __restrict__ rois, long long C,
+__device__ void prroi_pool_forward(long long n, const T* __restrict__ input, const A* __restrict__ rois, long long N, long long C,
                                    long long H, long long W, long long PH, long long PW, A scale,
                                    T* __restrict__ output) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)blockDim.x * gridDim.x) {
     long long pw = i % PW, ph = i / PW % PH, c = i / PW / PH % C, k = i / PW / PH / C;
-    PrBox<A> b = pr_box(rois + 5 * k, scale, PH, PW);
+    PrBox<A> b = pr_box(rois + 5 * k, scale, N, PH, PW);
     if (!(b.area > (A)0)) {
-      store(output + i, (A)0);
+      store(output + i, b.valid ? (A)0 : nan_of(A()));
       continue;
     }
     A y0 = b.y1 + b.bin_h * (A)ph, y1 = y0 + b.bin_h;
@@ -106,12 +113,12 @@ __device__ void prroi_pool_forward(long long n, const T* __restrict__ input, con
 // K_y(r) K_x(q). grad_input is in A and must be zeroed.
 template <class T, class A>
 __device__ void prroi_pool_backward_atomic(long long n, const T* __restrict__ grad_output, const A* __restrict__ rois,
-                                           long long C, long long H, long long W, long long PH, long long PW, A scale,
+                                           long long N, long long C, long long H, long long W, long long PH, long long PW, A scale,
                                            A* __restrict__ grad_input) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)blockDim.x * gridDim.x) {
     long long pw = i % PW, ph = i / PW % PH, c = i / PW / PH % C, k = i / PW / PH / C;
-    PrBox<A> b = pr_box(rois + 5 * k, scale, PH, PW);
+    PrBox<A> b = pr_box(rois + 5 * k, scale, N, PH, PW);
     if (!(b.area > (A)0)) continue;
     A go = to_acc(grad_output[i]) / b.area;
     A y0 = b.y1 + b.bin_h * (A)ph, y1 = y0 + b.bin_h;
@@ -145,12 +152,12 @@ __device__ void prroi_pool_backward_atomic(long long n, const T* __restrict__ gr
 // x1 = x0 + bin_w at s(1 - (pw+1)/PW) and s (pw+1)/PW.
 template <class T, class A>
 __device__ void prroi_pool_box_partial(long long n, const T* __restrict__ grad_output, const T* __restrict__ input,
-                                       const A* __restrict__ rois, long long C, long long H, long long W, long long PH,
+                                       const A* __restrict__ rois, long long N, long long C, long long H, long long W, long long PH,
                                        long long PW, A scale, A* __restrict__ partial) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)blockDim.x * gridDim.x) {
     long long c = i % C, k = i / C;
-    PrBox<A> b = pr_box(rois + 5 * k, scale, PH, PW);
+    PrBox<A> b = pr_box(rois + 5 * k, scale, N, PH, PW);
     A d[4] = {0, 0, 0, 0};
     if (b.area > (A)0) {
       const T* plane = input + (b.batch * C + c) * H * W;
@@ -231,20 +238,20 @@ __device__ void prroi_pool_box_reduce(long long n, const A* __restrict__ partial
 // rois are (K, 5) in A; gradients are written in A (the host casts them back).
 #define PRROI_POOL_ENTRY_POINTS(SUFFIX, T, A)                                                                     \
   extern "C" __global__ void prroi_pool_forward_##SUFFIX(long long n, const T* __restrict__ input,                \
-                                                         const A* __restrict__ rois, long long C, long long H,    \
+                                                         const A* __restrict__ rois, long long N, long long C, long long H,    \
                                                          long long W, long long PH, long long PW, A scale,        \
                                                          T* __restrict__ output) {                                \
-    prroi_pool_forward<T, A>(n, input, rois, C, H, W, PH, PW, scale, output);                                    \
+    prroi_pool_forward<T, A>(n, input, rois, N, C, H, W, PH, PW, scale, output);                                    \
   }                                                                                                               \
   extern "C" __global__ void prroi_pool_backward_atomic_##SUFFIX(                                                 \
-      long long n, const T* __restrict__ grad_output, const A* __restrict__ rois, long long C, long long H,        \
+      long long n, const T* __restrict__ grad_output, const A* __restrict__ rois, long long N, long long C, long long H,        \
       long long W, long long PH, long long PW, A scale, A* __restrict__ grad_input) {                              \
-    prroi_pool_backward_atomic<T, A>(n, grad_output, rois, C, H, W, PH, PW, scale, grad_input);                   \
+    prroi_pool_backward_atomic<T, A>(n, grad_output, rois, N, C, H, W, PH, PW, scale, grad_input);                   \
   }                                                                                                               \
   extern "C" __global__ void prroi_pool_box_partial_##SUFFIX(                                                     \
       long long n, const T* __restrict__ grad_output, const T* __restrict__ input, const A* __restrict__ rois,     \
-      long long C, long long H, long long W, long long PH, long long PW, A scale, A* __restrict__ partial) {       \
-    prroi_pool_box_partial<T, A>(n, grad_output, input, rois, C, H, W, PH, PW, scale, partial);                   \
+      long long N, long long C, long long H, long long W, long long PH, long long PW, A scale, A* __restrict__ partial) {       \
+    prroi_pool_box_partial<T, A>(n, grad_output, input, rois, N, C, H, W, PH, PW, scale, partial);                   \
   }                                                                                                               \
   extern "C" __global__ void prroi_pool_box_reduce_##SUFFIX(long long n, const A* __restrict__ partial,           \
                                                             long long C, A* __restrict__ grad_rois) {             \

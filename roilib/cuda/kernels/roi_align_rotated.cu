@@ -12,6 +12,7 @@
 // One rotated box on the feature map.
 template <class A>
 struct RotatedGrid {
+  bool valid;            // roi_row_is_valid, and a size of at least 0; else no samples
   long long batch;
   A cx, cy;              // centre (minus half a pixel when aligned)
   A cos_t, sin_t;        // of the angle (from the host: float64, rounded to A)
@@ -24,9 +25,19 @@ struct RotatedGrid {
 // roi: one row [batch, cx, cy, w, h, angle]; trig: its (cos, sin), computed once per box
 // by the host (roilib.geometry_rotated.angle_cos_sin) rather than per output element.
 template <class A>
-__device__ RotatedGrid<A> rotated_grid(const A* __restrict__ roi, const A* __restrict__ trig, A scale, long long PH,
-                                       long long PW, int sampling_ratio, bool aligned) {
+__device__ RotatedGrid<A> rotated_grid(const A* __restrict__ roi, const A* __restrict__ trig, A scale, long long N,
+                                       long long PH, long long PW, int sampling_ratio, bool aligned) {
   RotatedGrid<A> g;
+  // device boxes are not checked on the host (roilib.cuda._host): a bad row has no
+  // samples, and the forward writes NaN for it
+  g.valid = roi_row_is_valid(roi, N, 6) && roi[3] >= (A)0 && roi[4] >= (A)0;
+  if (!g.valid) {
+    g.batch = 0;
+    g.cx = g.cy = g.cos_t = g.sin_t = g.start_h = g.start_w = g.bin_h = g.bin_w = 0;
+    g.gh = g.gw = 0;
+    g.count = 1;
+    return g;
+  }
   g.batch = (long long)roi[0];
   A off = aligned ? (A)0.5 : (A)0;
   g.cx = roi[1] * scale - off;
@@ -76,13 +87,17 @@ __device__ __forceinline__ A read_bilinear(const T* __restrict__ plane, long lon
 // Forward: one work item per output element (k, c, ph, pw), the mean of its bin's samples.
 template <class T, class A>
 __device__ void roi_align_rotated_forward(long long n, const T* __restrict__ input, const A* __restrict__ rois,
-                                          const A* __restrict__ trig, long long C, long long H, long long W,
+                                          const A* __restrict__ trig, long long N, long long C, long long H, long long W,
                                           long long PH, long long PW, A scale, int sampling_ratio, bool aligned,
                                           T* __restrict__ output) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)blockDim.x * gridDim.x) {
     long long pw = i % PW, ph = i / PW % PH, c = i / PW / PH % C, k = i / PW / PH / C;
-    RotatedGrid<A> g = rotated_grid(rois + 6 * k, trig + 2 * k, scale, PH, PW, sampling_ratio, aligned);
+    RotatedGrid<A> g = rotated_grid(rois + 6 * k, trig + 2 * k, scale, N, PH, PW, sampling_ratio, aligned);
+    if (!g.valid) {
+      store(output + i, nan_of(A()));
+      continue;
+    }
     const T* plane = input + (g.batch * C + c) * H * W;
     A sum = 0;
     for (int iy = 0; iy < g.gh; ++iy) {
@@ -101,13 +116,13 @@ __device__ void roi_align_rotated_forward(long long n, const T* __restrict__ inp
 template <class T, class A>
 __device__ void roi_align_rotated_backward_atomic(long long n, const T* __restrict__ grad_output,
                                                   const A* __restrict__ rois, const A* __restrict__ trig,
-                                                  long long C, long long H, long long W,
+                                                  long long N, long long C, long long H, long long W,
                                                   long long PH, long long PW, A scale, int sampling_ratio,
                                                   bool aligned, A* __restrict__ grad_input) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)blockDim.x * gridDim.x) {
     long long pw = i % PW, ph = i / PW % PH, c = i / PW / PH % C, k = i / PW / PH / C;
-    RotatedGrid<A> g = rotated_grid(rois + 6 * k, trig + 2 * k, scale, PH, PW, sampling_ratio, aligned);
+    RotatedGrid<A> g = rotated_grid(rois + 6 * k, trig + 2 * k, scale, N, PH, PW, sampling_ratio, aligned);
     A* plane = grad_input + (g.batch * C + c) * H * W;
     A go = to_acc(grad_output[i]);
     for (int iy = 0; iy < g.gh; ++iy) {
@@ -138,14 +153,14 @@ __device__ void roi_align_rotated_backward_atomic(long long n, const T* __restri
 template <class T, class A>
 __device__ void roi_align_rotated_box_partial(long long n, const T* __restrict__ grad_output,
                                               const T* __restrict__ input, const A* __restrict__ rois,
-                                              const A* __restrict__ trig, long long C, long long H, long long W,
+                                              const A* __restrict__ trig, long long N, long long C, long long H, long long W,
                                               long long PH, long long PW, A scale, int sampling_ratio, bool aligned,
                                               A* __restrict__ partial) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)blockDim.x * gridDim.x) {
     long long c = i % C, k = i / C;
     const A* roi = rois + 6 * k;
-    RotatedGrid<A> g = rotated_grid(roi, trig + 2 * k, scale, PH, PW, sampling_ratio, aligned);
+    RotatedGrid<A> g = rotated_grid(roi, trig + 2 * k, scale, N, PH, PW, sampling_ratio, aligned);
     bool raised_w = !aligned && roi[3] * scale < (A)1;
     bool raised_h = !aligned && roi[4] * scale < (A)1;
     const T* plane = input + (g.batch * C + c) * H * W;
@@ -204,23 +219,23 @@ __device__ void roi_align_rotated_box_reduce(long long n, const A* __restrict__ 
 #define ROI_ALIGN_ROTATED_ENTRY_POINTS(SUFFIX, T, A)                                                             \
   extern "C" __global__ void roi_align_rotated_forward_##SUFFIX(                                                 \
       long long n, const T* __restrict__ input, const A* __restrict__ rois, const A* __restrict__ trig,           \
-      long long C, long long H, long long W, long long PH, long long PW, A scale, int sampling_ratio, int aligned, \
+      long long N, long long C, long long H, long long W, long long PH, long long PW, A scale, int sampling_ratio, int aligned, \
       T* __restrict__ output) {                                                                                  \
-    roi_align_rotated_forward<T, A>(n, input, rois, trig, C, H, W, PH, PW, scale, sampling_ratio,               \
+    roi_align_rotated_forward<T, A>(n, input, rois, trig, N, C, H, W, PH, PW, scale, sampling_ratio,               \
                                     aligned != 0, output);                                                       \
   }                                                                                                              \
   extern "C" __global__ void roi_align_rotated_backward_atomic_##SUFFIX(                                         \
       long long n, const T* __restrict__ grad_output, const A* __restrict__ rois, const A* __restrict__ trig,     \
-      long long C, long long H, long long W, long long PH, long long PW, A scale, int sampling_ratio, int aligned, \
+      long long N, long long C, long long H, long long W, long long PH, long long PW, A scale, int sampling_ratio, int aligned, \
       A* __restrict__ grad_input) {                                                                              \
-    roi_align_rotated_backward_atomic<T, A>(n, grad_output, rois, trig, C, H, W, PH, PW, scale,                 \
+    roi_align_rotated_backward_atomic<T, A>(n, grad_output, rois, trig, N, C, H, W, PH, PW, scale,                 \
                                             sampling_ratio, aligned != 0, grad_input);                           \
   }                                                                                                              \
   extern "C" __global__ void roi_align_rotated_box_partial_##SUFFIX(                                             \
       long long n, const T* __restrict__ grad_output, const T* __restrict__ input, const A* __restrict__ rois,    \
-      const A* __restrict__ trig, long long C, long long H, long long W, long long PH, long long PW, A scale,      \
+      const A* __restrict__ trig, long long N, long long C, long long H, long long W, long long PH, long long PW, A scale,      \
       int sampling_ratio, int aligned, A* __restrict__ partial) {                                                \
-    roi_align_rotated_box_partial<T, A>(n, grad_output, input, rois, trig, C, H, W, PH, PW, scale,               \
+    roi_align_rotated_box_partial<T, A>(n, grad_output, input, rois, trig, N, C, H, W, PH, PW, scale,               \
                                         sampling_ratio, aligned != 0, partial);                                  \
   }                                                                                                              \
   extern "C" __global__ void roi_align_rotated_box_reduce_##SUFFIX(long long n, const A* __restrict__ partial,   \
