@@ -11,6 +11,8 @@ from .roi_align import (
 )
 from .roi_pool import roi_pool, roi_pool_backward
 from .spp import spp, spp_backward
+from .multiscale import multiscale_roi_align, multiscale_roi_align_backward
+from .ps_roi import ps_roi_align, ps_roi_align_backward, ps_roi_pool, ps_roi_pool_backward
 
 __all__ = [
     "spp",
@@ -22,4 +24,10 @@ __all__ = [
     "roi_align_rois_backward",
     "roi_warp",
     "roi_warp_backward",
+    "multiscale_roi_align",
+    "multiscale_roi_align_backward",
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
+    "ps_roi_align",
+    "ps_roi_align_backward",
 ]
