@@ -14,6 +14,7 @@ from typing import List
 
 KERNEL_DIR = Path(__file__).resolve().with_name("kernels")
 FAMILIES = ("roi_align", "roi_pool", "roi_warp", "spp")
+FAMILIES += ("ps_roi", "multiscale")  # issue 11: R-FCN and FPN
 
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
 

@@ -31,6 +31,12 @@ __all__ = [
     "roi_align_rois_backward",
     "roi_warp",
     "roi_warp_backward",
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
+    "ps_roi_align",
+    "ps_roi_align_backward",
+    "multiscale_roi_align",
+    "multiscale_roi_align_backward",
     "GpuOps",
     "OPTIONS",
 ]
@@ -91,3 +97,9 @@ roi_align_backward = _ops.roi_align_backward
 roi_align_rois_backward = _ops.roi_align_rois_backward
 roi_warp = _ops.roi_warp
 roi_warp_backward = _ops.roi_warp_backward
+ps_roi_pool = _ops.ps_roi_pool
+ps_roi_pool_backward = _ops.ps_roi_pool_backward
+ps_roi_align = _ops.ps_roi_align
+ps_roi_align_backward = _ops.ps_roi_align_backward
+multiscale_roi_align = _ops.multiscale_roi_align
+multiscale_roi_align_backward = _ops.multiscale_roi_align_backward
