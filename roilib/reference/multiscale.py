@@ -127,7 +127,10 @@ def multiscale_roi_align_backward(
         if idx.size == 0:
             grads.append(np.zeros_like(fmap))
             continue
-        x = channels_last(fmap)
+        # the average's backward never reads the map: a zero-memory stand-in with its
+        # channels-last shape spares converting it
+        n, c, h, w = fmap.shape
+        x = np.broadcast_to(np.zeros((), dtype=v.compute_dtype(fmap.dtype)), (n, h, w, c))
         grad = _backward(g[idx], x, rois[idx], output_size, scale, sampling_ratio, aligned, "avg")
         grads.append(channels_first(grad, fmap.dtype))
     return grads

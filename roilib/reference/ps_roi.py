@@ -65,6 +65,19 @@ def _pool_index(rois, output_size, spatial_scale, shape, dtype):
     return corners, area
 
 
+def _cumulate(t: np.ndarray) -> np.ndarray:
+    """In-place cumulative sums of ``(N, H, W, C)`` along H, then W.
+
+    A loop of whole-plane additions: several times faster than ``np.cumsum`` along a
+    middle axis, with the same additions in the same order.
+    """
+    for i in range(1, t.shape[1]):
+        t[:, i] += t[:, i - 1]
+    for j in range(1, t.shape[2]):
+        t[:, :, j] += t[:, :, j - 1]
+    return t
+
+
 def _ps_diagonal(out_channels, output_size):
     """Channel index ``(c * PH + ph) * PW + pw`` laid out as ``(PH, PW, C_out)``."""
     ph, pw = output_size
@@ -94,8 +107,8 @@ def ps_roi_pool(input: np.ndarray, rois, output_size, spatial_scale: float = 1.0
     x = channels_last(input)
     n, h, w, c = x.shape
     table = np.zeros((n, h + 1, w + 1, c), dtype=np.float64)
-    np.cumsum(np.cumsum(x, axis=1, dtype=np.float64), axis=2, out=table[:, 1:, 1:])
-    table = table.reshape(-1, c)
+    table[:, 1:, 1:] = x
+    table = _cumulate(table).reshape(-1, c)
     corners, area = _pool_index(rois, output_size, spatial_scale, (n, h, w), x.dtype)
     ch = _ps_diagonal(c_out, output_size)  # (PH, PW, C_out)
     cs = corners[..., None]  # (4, K, PH, PW, 1) against channels (PH, PW, C_out)
@@ -131,13 +144,11 @@ def ps_roi_pool_backward(grad_output: np.ndarray, input: np.ndarray, rois, outpu
         share = np.where(area[..., None] > 0, g / np.maximum(area, 1)[..., None], 0.0)
     ch = _ps_diagonal(c_out, output_size)
     size = n * (h + 1) * (w + 1) * c
-    diff = np.zeros(size, dtype=np.float64)
-    for corner, sign in zip(corners, (1.0, -1.0, -1.0, 1.0)):
-        flat = corner[..., None] * c + ch  # (K, PH, PW, C_out)
-        diff += np.bincount(flat.ravel(), weights=(sign * share).ravel(), minlength=size)
+    flat = corners[..., None] * c + ch  # (4, K, PH, PW, C_out)
+    weights = np.array([1.0, -1.0, -1.0, 1.0])[:, None, None, None, None] * share
     # the transpose of "sum over [hs, he) x [ws, we)" is a 2-D difference array
-    diff = diff.reshape(n, h + 1, w + 1, c)
-    grad = np.cumsum(np.cumsum(diff, axis=1), axis=2)[:, :h, :w]
+    diff = np.bincount(flat.ravel(), weights=weights.ravel(), minlength=size)
+    grad = _cumulate(diff.reshape(n, h + 1, w + 1, c))[:, :h, :w]
     return channels_first(grad, input.dtype)
 
 
