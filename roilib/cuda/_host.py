@@ -495,8 +495,7 @@ class KernelOps:
         Parameters
         ----------
         grad_output : array, shape (K, C, PH, PW)
-        features, rois, output_size, scales, sampling_ratio, canonical_scale,
-        canonical_level, eps, aligned
+        features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, eps, aligned
             As in ``roilib.reference.multiscale_roi_align``.
         deterministic : bool
             Must be ``False`` for now (no deterministic kernel yet).

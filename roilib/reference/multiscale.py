@@ -105,8 +105,7 @@ def multiscale_roi_align_backward(
     Parameters
     ----------
     grad_output : ndarray, shape (K, C, PH, PW)
-    features, rois, output_size, scales, sampling_ratio, canonical_scale,
-    canonical_level, eps, aligned
+    features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, eps, aligned
         As in :func:`multiscale_roi_align`.
 
     Returns
