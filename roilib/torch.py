@@ -571,7 +571,7 @@ def multiscale_roi_align(
     scales : list of float
         Each map's spatial scale (powers of two, halving level to level).
     sampling_ratio, canonical_scale, canonical_level, eps, aligned
-        As in :func:`roilib.reference.multiscale_roi_align`.
+        As in :func:`roilib.multiscale_roi_align`.
 
     Returns
     -------

@@ -142,3 +142,34 @@ def test_ops_trace_with_fake_tensors():
         assert rt.ps_roi_align(x, rois, 3).shape == (4, 2, 3, 3)
         feats = [torch.empty(2, 4, 16, 16), torch.empty(2, 4, 8, 8)]
         assert rt.multiscale_roi_align(feats, rois, (2, 3), [0.25, 0.125]).shape == (4, 4, 2, 3)
+
+
+def test_deterministic_mode_alerts_for_the_atomic_only_backward():
+    """On CUDA these backwards exist only with atomics: with determinism required they
+    raise (or warn with warn_only=True), as torch's own nondeterministic ops do."""
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            rt._alert_not_deterministic("roilib.ps_roi_align_backward (CUDA)")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="roilib.ps_roi_align_backward"):
+            rt._alert_not_deterministic("roilib.ps_roi_align_backward (CUDA)")
+        torch.use_deterministic_algorithms(False)
+        rt._alert_not_deterministic("roilib.ps_roi_align_backward (CUDA)")  # silent
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def test_cpu_backward_is_deterministic_and_never_alerts():
+    x, boxes = _ps_problem()
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        rt.ps_roi_align(x, boxes, (2, 3), 0.5).sum().backward()
+        first = x.grad.clone()
+        x.grad = None
+        rt.ps_roi_align(x, boxes, (2, 3), 0.5).sum().backward()
+        assert torch.equal(first, x.grad)
+    finally:
+        torch.use_deterministic_algorithms(before)

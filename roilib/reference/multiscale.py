@@ -64,7 +64,7 @@ def multiscale_roi_align(
         Each map's ``spatial_scale``, powers of two halving level to level
         (``1/4, 1/8, 1/16, 1/32`` for P2-P5); they fix the levels ``k_min .. k_max``.
     sampling_ratio : int
-        As in :func:`roilib.reference.roi_align` (torchvision's detectors use 2).
+        As in :func:`roilib.roi_align` (torchvision's detectors use 2).
     canonical_scale, canonical_level, eps : float, int, float
         FPN's ``s0 = 224``, ``k0 = 4`` and torchvision's ``eps = 1e-6``.
     aligned : bool
