@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     print(format_table(run_cpu(args.repeat, args.threads, args.only)))
     print("ratio = roilib / torchvision best time (< 1: roilib faster); MiB = extra peak resident memory of one call;")
     print("|sum diff| = difference of the two results' sums (a check that both computed the same thing)")
+    print("(ps_roi_pool backward: roilib's is the forward's exact transpose; torchvision's clips bins to the map size,")
+    print(" not size - 1 as its forward does, so the sums differ where boxes reach the last row or column)")
     return 0
 
 

@@ -657,7 +657,7 @@ class MultiScaleRoIAlign(nn.Module):
             raise ValueError("image_shapes must list at least one (height, width)")
         largest = (max(int(s[0]) for s in image_shapes), max(int(s[1]) for s in image_shapes))
         scales = []
-        for name, m in zip([k for k in self.featmap_names], maps):
+        for m in maps:
             from_h, from_w = infer_scale(tuple(m.shape[-2:]), largest)
             if from_h != from_w:
                 raise ValueError(
