@@ -224,6 +224,8 @@ def check_scales(scales, n_levels: int, name: str = "scales") -> Tuple[float, ..
     FPN's levels are inferred from the scales (a map at ``2**-k`` is level ``k``), so
     they must be exact powers of two, finest first, one level apart.
     """
+    if isinstance(scales, np.ndarray) and scales.ndim == 1:
+        scales = scales.tolist()
     if _is_real(scales) or not isinstance(scales, Sequence):
         raise TypeError(f"{name} must be a sequence of spatial scales, one per level, got {scales!r}")
     if len(scales) != n_levels:

@@ -155,13 +155,36 @@ def ps_roi_pool_backward(grad_output: np.ndarray, input: np.ndarray, rois, outpu
 # -- PS-RoIAlign ---------------------------------------------------------------------
 
 
-def _align_boxes(x, rois, output_size, spatial_scale, sampling_ratio, c_out):
+def _align_boxes(shape, dtype, rois, output_size, spatial_scale, sampling_ratio):
     """Yield ``(k, image, box, Ay, Ax)`` per box touching the map (aligned geometry).
 
     ``Ay`` (PH, rows) and ``Ax`` (PW, cols) are the bin-summed interpolation weights.
+    ``shape`` is the map's ``(N, H, W, C)``; the geometry reads no values.
     """
-    for k, image, box, _ in _boxes(x, rois, output_size, spatial_scale, sampling_ratio, True):
+    stand_in = np.broadcast_to(np.zeros((), dtype=dtype), shape)
+    for k, image, box, _ in _boxes(stand_in, rois, output_size, spatial_scale, sampling_ratio, True):
         yield k, image, box, box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1)
+
+
+def _grouped(x: np.ndarray, output_size) -> np.ndarray:
+    """``(N, C_out*PH*PW, H, W)`` -> contiguous ``(N, H, W, PW, C_out*PH)`` (compute dtype).
+
+    Channel ``(c * PH + ph) * PW + pw`` goes to ``[..., pw, c * PH + ph]``: for a fixed bin
+    column ``pw`` the channels of all bins in it are contiguous, so a box's block needs no
+    further copy before the column weights are applied.
+    """
+    n, c, h, w = x.shape
+    ph, pw = output_size
+    g = x.reshape(n, c // (ph * pw), ph, pw, h, w).transpose(0, 4, 5, 3, 1, 2)
+    return np.ascontiguousarray(g, dtype=v.compute_dtype(x.dtype)).reshape(n, h, w, pw, c // pw)
+
+
+def _ungrouped(g: np.ndarray, output_size, dtype) -> np.ndarray:
+    """The inverse of :func:`_grouped`, cast to ``dtype``."""
+    n, h, w, pw, rest = g.shape
+    ph = output_size[0]
+    out = g.reshape(n, h, w, pw, rest // ph, ph).transpose(0, 4, 5, 3, 1, 2)
+    return np.ascontiguousarray(out, dtype=dtype).reshape(n, rest * pw, h, w)
 
 
 def ps_roi_align(input: np.ndarray, rois, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1) -> np.ndarray:
@@ -186,20 +209,19 @@ def ps_roi_align(input: np.ndarray, rois, output_size, spatial_scale: float = 1.
     """
     rois, output_size, spatial_scale, c_out = _check(input, rois, output_size, spatial_scale)
     sampling_ratio = v.check_sampling_ratio(sampling_ratio)
-    x = channels_last(input)
-    ph, pw = output_size
-    out = np.zeros((rois.shape[0], ph, pw, c_out), dtype=x.dtype)
-    for k, image, box, ay, ax in _align_boxes(x, rois, output_size, spatial_scale, sampling_ratio, c_out):
-        block = take_block(x[image], box.rows, box.cols)  # (R, S, C_out*PH*PW)
-        r, s = block.shape[:2]
-        blk = block.reshape(r, s, c_out, ph, pw)
-        # t[q, r, o, p] = sum_s Ax[q, s] X[r, s, o, p, q]
-        t = np.matmul(blk.transpose(4, 0, 2, 3, 1).reshape(pw, r * c_out * ph, s), ax[:, :, None])
-        t = t.reshape(pw, r, c_out, ph)
-        # out[p, q, o] = sum_r Ay[p, r] t[q, r, o, p]
-        u = np.matmul(t.transpose(3, 0, 2, 1).reshape(ph, pw * c_out, r), ay[:, :, None])
-        out[k] = u.reshape(ph, pw, c_out) / box.count
-    return channels_first(out, input.dtype)
+    x = _grouped(input, output_size)  # (N, H, W, Q, O*P)
+    n, h, w, pw, op = x.shape
+    ph = output_size[0]
+    out = np.zeros((rois.shape[0], pw, c_out, ph), dtype=x.dtype)
+    shape = (n, h, w, input.shape[1])
+    for k, image, box, ay, ax in _align_boxes(shape, x.dtype, rois, output_size, spatial_scale, sampling_ratio):
+        block = take_block(x[image], box.rows, box.cols)  # (R, S, Q, O*P)
+        # t[q, r, (o, p)] = sum_s Ax[q, s] X[r, s, q, (o, p)]: one small product per (q, r)
+        t = np.matmul(ax[:, None, None, :], block.transpose(2, 0, 1, 3))[:, :, 0]
+        t = t.reshape(pw, -1, c_out, ph)  # (Q, R, O, P)
+        # out[q, o, p] = sum_r Ay[p, r] t[q, r, o, p]
+        out[k] = np.einsum("pr,qrop->qop", ay, t) / box.count
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1), dtype=input.dtype)
 
 
 def ps_roi_align_backward(
@@ -223,15 +245,16 @@ def ps_roi_align_backward(
     rois, output_size, spatial_scale, c_out = _check(input, rois, output_size, spatial_scale)
     sampling_ratio = v.check_sampling_ratio(sampling_ratio)
     v.check_grad_output(grad_output, (rois.shape[0], c_out) + output_size, input)
-    x = channels_last(input)
-    g = channels_last(grad_output)  # (K, PH, PW, C_out)
+    n, c, h, w = input.shape
     ph, pw = output_size
-    grad = np.zeros_like(x)
-    for k, image, box, ay, ax in _align_boxes(x, rois, output_size, spatial_scale, sampling_ratio, c_out):
-        gk = g[k] / box.count  # (P, Q, O)
-        # u[r, q, o, p] = Ay[p, r] g[p, q, o]
-        u = ay.T[:, None, None, :] * gk.transpose(1, 2, 0)[None]
-        # part[r, s, o, p, q] = Ax[q, s] u[r, q, o, p]
-        part = ax.T[None, :, None, None, :] * u.transpose(0, 2, 3, 1)[:, None]
-        add_block(grad[image], box.rows, box.cols, part.reshape(part.shape[0], part.shape[1], -1))
-    return channels_first(grad, input.dtype)
+    dtype = v.compute_dtype(input.dtype)
+    g = np.ascontiguousarray(grad_output.transpose(0, 3, 1, 2), dtype=dtype)  # (K, Q, O, P)
+    grad = np.zeros((n, h, w, pw, c // pw), dtype=dtype)
+    for k, image, box, ay, ax in _align_boxes((n, h, w, c), dtype, rois, output_size, spatial_scale, sampling_ratio):
+        gk = g[k] / box.count
+        # u[r, q, (o, p)] = Ay[p, r] g[q, o, p]
+        u = (ay.T[:, None, None, :] * gk[None]).reshape(ay.shape[1], pw, -1)
+        # part[r, s, q, (o, p)] = Ax[q, s] u[r, q, (o, p)]
+        part = ax.T[None, :, :, None] * u[:, None]
+        add_block(grad[image], box.rows, box.cols, part)
+    return _ungrouped(grad, output_size, input.dtype)
