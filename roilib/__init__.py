@@ -30,6 +30,13 @@ __all__ = [
     "roi_warp",
     "roi_warp_backward",
     "roi_warp_rois_backward",
+
+    "multiscale_roi_align",
+    "multiscale_roi_align_backward",
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
+    "ps_roi_align",
+    "ps_roi_align_backward",
     "geometry",
     "reference",
 ]
@@ -84,3 +91,26 @@ roi_align_rotated_rois_backward = _dispatch("roi_align_rotated_rois_backward")
 prroi_pool = _dispatch("prroi_pool")
 prroi_pool_backward = _dispatch("prroi_pool_backward")
 prroi_pool_rois_backward = _dispatch("prroi_pool_rois_backward")
+
+
+# -- FPN and position-sensitive pooling (roilib.family holds their geometry) ---------
+
+ps_roi_pool = _dispatch("ps_roi_pool")
+ps_roi_pool_backward = _dispatch("ps_roi_pool_backward")
+ps_roi_align = _dispatch("ps_roi_align")
+ps_roi_align_backward = _dispatch("ps_roi_align_backward")
+
+
+def _first_map(features):
+    """The first map of a pyramid (or ``features`` itself when it is not a sequence)."""
+    return features[0] if isinstance(features, (list, tuple)) and features else features
+
+
+@functools.wraps(reference.multiscale_roi_align)
+def multiscale_roi_align(features, *args, **kwargs):
+    return _backend_for(_first_map(features)).multiscale_roi_align(features, *args, **kwargs)
+
+
+@functools.wraps(reference.multiscale_roi_align_backward)
+def multiscale_roi_align_backward(grad_output, *args, **kwargs):
+    return _backend_for(grad_output).multiscale_roi_align_backward(grad_output, *args, **kwargs)

@@ -315,3 +315,78 @@ def check_rotated_rois(rois, input, name: str = "rois") -> np.ndarray:
         bad = int(np.argwhere((out[:, 3:5] < 0).any(axis=1))[0, 0])
         raise ValueError(f"{name}[:, 3:5] are the width and height and must be non-negative; row {bad} is {out[bad].tolist()}")
     return out.astype(dtype)
+
+# -- FPN (multiscale RoIAlign) and position-sensitive pooling ------------------------
+
+
+def check_features(features, name: str = "features") -> list:
+    """A non-empty sequence of ``(N, C, H_l, W_l)`` maps sharing N, C, dtype and device."""
+    if is_array(features) or not isinstance(features, Sequence) or len(features) == 0:
+        raise TypeError(
+            f"{name} must be a non-empty list of (N, C, H_l, W_l) arrays, one per pyramid level,"
+            f" got {type(features).__name__}"
+        )
+    maps = [check_input(f, f"{name}[{i}]") for i, f in enumerate(features)]
+    first = maps[0]
+    for i, f in enumerate(maps[1:], start=1):
+        if tuple(f.shape[:2]) != tuple(first.shape[:2]):
+            raise ValueError(
+                f"{name}[{i}] has (N, C) = {tuple(f.shape[:2])} but {name}[0] has {tuple(first.shape[:2])};"
+                " every level must have the same images and channels"
+            )
+        if f.dtype != first.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {f.dtype} but {name}[0] has {first.dtype}")
+        if array_module(f) is not array_module(first):
+            raise TypeError(f"{name}[{i}] and {name}[0] must live on the same device (both NumPy or both CuPy)")
+    return maps
+
+
+def check_scales(scales, n_levels: int, name: str = "scales") -> Tuple[float, ...]:
+    """One scale per level: powers of two, halving from each level to the next.
+
+    FPN's levels are inferred from the scales (a map at ``2**-k`` is level ``k``), so
+    they must be exact powers of two, finest first, one level apart.
+    """
+    if isinstance(scales, np.ndarray) and scales.ndim == 1:
+        scales = scales.tolist()
+    if _is_real(scales) or not isinstance(scales, Sequence):
+        raise TypeError(f"{name} must be a sequence of spatial scales, one per level, got {scales!r}")
+    if len(scales) != n_levels:
+        raise ValueError(f"{name} has {len(scales)} entries but there are {n_levels} feature maps; give one per map")
+    out = tuple(check_spatial_scale(s, f"{name}[{i}]") for i, s in enumerate(scales))
+    for i, s in enumerate(out):
+        m, _ = np.frexp(s)
+        if m != 0.5:
+            raise ValueError(f"{name}[{i}] = {s!r} is not a power of two (2**-k for pyramid level k)")
+        if i and s != out[i - 1] / 2:
+            raise ValueError(
+                f"{name} must halve from each level to the next (finest map first), got {list(out)}"
+            )
+    return out
+
+
+def check_fpn_mapping(canonical_scale, canonical_level, eps) -> Tuple[float, int, float]:
+    """FPN's ``s0`` (positive), ``k0`` (an int) and ``eps`` (finite, >= 0)."""
+    if not _is_real(canonical_scale) or not np.isfinite(canonical_scale) or canonical_scale <= 0:
+        raise ValueError(f"canonical_scale must be a positive number (224 in FPN), got {canonical_scale!r}")
+    if not _is_int(canonical_level):
+        raise TypeError(f"canonical_level must be an int (4 in FPN), got {canonical_level!r}")
+    if not _is_real(eps) or not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0 (1e-6 in torchvision), got {eps!r}")
+    return float(canonical_scale), int(canonical_level), float(eps)
+
+
+def check_ps_channels(input, output_size: Tuple[int, int], name: str = "input") -> int:
+    """Position-sensitive pooling needs ``C = C_out * PH * PW``; returns ``C_out``."""
+    c = input.shape[1]
+    ph, pw = output_size
+    if c % (ph * pw) != 0:
+        raise ValueError(
+            f"{name} has {c} channels, which is not a multiple of PH * PW = {ph} * {pw} = {ph * pw};"
+            " position-sensitive pooling reads one channel group per output bin"
+        )
+    return c // (ph * pw)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))

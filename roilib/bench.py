@@ -87,6 +87,8 @@ def _reset_peak() -> bool:
 
 def _runner(impl: str, op: str, kwargs: dict, backward: bool):
     """A zero-argument callable doing one measured call, plus its result as NumPy."""
+    if op in _FAMILY_RUNNERS:  # FPN and R-FCN workloads (issue 11)
+        return _FAMILY_RUNNERS[op](impl, kwargs, backward)
     import numpy as np
 
     x, rois, g = _inputs()
@@ -166,11 +168,13 @@ def _have_torchvision() -> bool:
     return True
 
 
-def run_cpu(repeat: int, threads: int) -> List[dict]:
-    """Measure every case on the CPU; return the table rows."""
+def run_cpu(repeat: int, threads: int, only: Optional[str] = None) -> List[dict]:
+    """Measure every case on the CPU (those whose label contains ``only``, if given)."""
     peers = ["roilib"] + (["torchvision"] if _have_torchvision() else [])
     rows = []
     for case, (label, _, _) in enumerate(CASES):
+        if only and only not in label:
+            continue
         for backward in (False, True):
             row = dict(case=label, pass_="backward" if backward else "forward")
             for impl in peers:
@@ -204,6 +208,7 @@ def main(argv=None) -> int:
         "--determinism", action="store_true",
         help="time the kernels' deterministic backward against the atomic one (CPU build)",
     )
+    parser.add_argument("--only", help="measure only the rows whose label contains this text")
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "CASE", "BACKWARD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -228,10 +233,144 @@ def main(argv=None) -> int:
     )
     if not _have_torchvision():
         print("torchvision is not importable: showing roilib alone")
-    print(format_table(run_cpu(args.repeat, args.threads)))
+    print(FAMILY_WORKLOADS)
+    print(format_table(run_cpu(args.repeat, args.threads, args.only)))
     print("ratio = roilib / torchvision best time (< 1: roilib faster); MiB = extra peak resident memory of one call;")
     print("|sum diff| = difference of the two results' sums (a check that both computed the same thing)")
+    print("(ps_roi_pool backward: roilib's is the forward's exact transpose; torchvision's clips bins to the map size,")
+    print(" not size - 1 as its forward does, so the sums differ where boxes reach the last row or column)")
     return 0
+
+
+# -- FPN (multiscale RoIAlign) and R-FCN (position-sensitive) workloads ------------------
+
+#: P2-P5 of an 800 x 1088 image (strides 4-32), 256 channels, 1000 boxes, 7 x 7
+FPN_STRIDES = (4, 8, 16, 32)
+FPN_CHANNELS = 256
+FPN_BOXES = 1000
+#: R-FCN's score maps: 21 classes x 7 x 7 channels at stride 16, 300 boxes, 7 x 7
+RFCN_CLASSES = 21
+RFCN_BOXES = 300
+RFCN_SCALE = 1 / 16
+
+FAMILY_WORKLOADS = (
+    f"multiscale rows: P2-P5 (strides {'/'.join(map(str, FPN_STRIDES))}) of {IMAGE_HW[0]}x{IMAGE_HW[1]}, "
+    f"{FPN_CHANNELS} channels, {FPN_BOXES} boxes, 7x7, sampling_ratio 2, vs torchvision.ops.MultiScaleRoIAlign\n"
+    f"ps rows: 1x{RFCN_CLASSES * 49}x{IMAGE_HW[0] // 16}x{IMAGE_HW[1] // 16} ({RFCN_CLASSES} classes x 7x7), "
+    f"{RFCN_BOXES} boxes, 7x7, scale 1/16"
+)
+
+CASES += [
+    ("multiscale_roi_align sr=2", "multiscale_roi_align", dict(sampling_ratio=2)),
+    ("ps_roi_align sr=2", "ps_roi_align", dict(sampling_ratio=2)),
+    ("ps_roi_pool", "ps_roi_pool", dict()),
+]
+
+
+def _fpn_inputs():
+    import numpy as np
+
+    rng = np.random.default_rng(SEED)
+    maps = [
+        rng.standard_normal((1, FPN_CHANNELS, IMAGE_HW[0] // s, IMAGE_HW[1] // s), dtype=np.float32) for s in FPN_STRIDES
+    ]
+    g = rng.standard_normal((FPN_BOXES, FPN_CHANNELS, OUTPUT_SIZE, OUTPUT_SIZE), dtype=np.float32)
+    return maps, benchmark_boxes(FPN_BOXES), g
+
+
+def _multiscale_runner(impl: str, kwargs: dict, backward: bool):
+    import numpy as np
+
+    maps, rois, g = _fpn_inputs()
+    scales = [1.0 / s for s in FPN_STRIDES]
+    if impl == "roilib":
+        import roilib
+
+        if backward:
+            def run():
+                grads = roilib.multiscale_roi_align_backward(g, maps, rois, OUTPUT_SIZE, scales, **kwargs)
+                return np.concatenate([a.ravel() for a in grads])
+
+            return run
+        return lambda: roilib.multiscale_roi_align(maps, rois, OUTPUT_SIZE, scales, **kwargs)
+    from collections import OrderedDict
+
+    import torch
+    import torchvision.ops
+
+    names = [f"p{int(np.log2(s))}" for s in FPN_STRIDES]
+    pooler = torchvision.ops.MultiScaleRoIAlign(names, OUTPUT_SIZE, kwargs["sampling_ratio"])
+    feats = OrderedDict((n, torch.from_numpy(m)) for n, m in zip(names, maps))
+    boxes, shapes, gt = [torch.from_numpy(rois[:, 1:])], [IMAGE_HW], torch.from_numpy(g)
+    if not backward:
+
+        def forward():
+            with torch.no_grad():
+                return pooler(feats, boxes, shapes).numpy()
+
+        return forward
+
+    def backward_only():
+        leaves = OrderedDict((n, t.clone().requires_grad_(True)) for n, t in feats.items())
+        out = pooler(leaves, boxes, shapes)
+        start = time.perf_counter()
+        out.backward(gt)
+        backward_only.elapsed = time.perf_counter() - start
+        return np.concatenate([t.grad.numpy().ravel() for t in leaves.values()])
+
+    backward_only.times_itself = True
+    return backward_only
+
+
+def _ps_runner(op: str):
+    def runner(impl: str, kwargs: dict, backward: bool):
+        import numpy as np
+
+        rng = np.random.default_rng(SEED)
+        h, w = IMAGE_HW[0] // 16, IMAGE_HW[1] // 16
+        x = rng.standard_normal((1, RFCN_CLASSES * OUTPUT_SIZE * OUTPUT_SIZE, h, w), dtype=np.float32)
+        rois = benchmark_boxes(RFCN_BOXES)
+        g = rng.standard_normal((RFCN_BOXES, RFCN_CLASSES, OUTPUT_SIZE, OUTPUT_SIZE), dtype=np.float32)
+        if impl == "roilib":
+            import roilib
+
+            if backward:
+                fn = getattr(roilib, op + "_backward")
+                return lambda: fn(g, x, rois, OUTPUT_SIZE, RFCN_SCALE, **kwargs)
+            fn = getattr(roilib, op)
+            return lambda: fn(x, rois, OUTPUT_SIZE, RFCN_SCALE, **kwargs)
+        import torch
+        import torchvision.ops
+
+        fn = getattr(torchvision.ops, op)
+        xt, rt, gt = torch.from_numpy(x), torch.from_numpy(rois), torch.from_numpy(g)
+        if not backward:
+
+            def forward():
+                with torch.no_grad():
+                    return fn(xt, rt, OUTPUT_SIZE, RFCN_SCALE, **kwargs).numpy()
+
+            return forward
+
+        def backward_only():
+            leaf = xt.clone().requires_grad_(True)
+            out = fn(leaf, rt, OUTPUT_SIZE, RFCN_SCALE, **kwargs)
+            start = time.perf_counter()
+            out.backward(gt)
+            backward_only.elapsed = time.perf_counter() - start
+            return leaf.grad.numpy()
+
+        backward_only.times_itself = True
+        return backward_only
+
+    return runner
+
+
+_FAMILY_RUNNERS = {
+    "multiscale_roi_align": _multiscale_runner,
+    "ps_roi_align": _ps_runner("ps_roi_align"),
+    "ps_roi_pool": _ps_runner("ps_roi_pool"),
+}
 
 
 if __name__ == "__main__":

@@ -952,3 +952,109 @@ def box_path(ax, boxes: Sequence[Sequence[float]], color: Optional[str] = None, 
             rectangle(ax, *boxes[i], edgecolor=color, lw=0.7, alpha=0.15 + 0.5 * i / n)
     rectangle(ax, *boxes[0], edgecolor=color, lw=lw, ls="--")
     rectangle(ax, *boxes[-1], edgecolor=color, lw=lw + 0.6)
+
+# -- FPN levels and position-sensitive bins (issue 11; geometry from roilib.family) ----
+
+
+def fpn_level_bands(
+    ax,
+    k_min: int,
+    k_max: int,
+    sides: Optional[Sequence[float]] = None,
+    canonical_scale: float = 224,
+    canonical_level: int = 4,
+    size_range=(8.0, 1024.0),
+    fontsize: float = 8,
+):
+    """Box size ``sqrt(w h)`` on a log axis, shaded by the FPN level it maps to.
+
+    Band edges are :func:`roilib.family.level_boundaries`; ``sides`` (optional box
+    sizes) are drawn as points at the level :func:`roilib.family.fpn_levels` gives them.
+    Returns the boundaries drawn.
+    """
+    from . import family
+
+    edges = family.level_boundaries(k_min, k_max, canonical_scale, canonical_level)
+    lo, hi = size_range
+    cuts = [lo] + [float(e) for e in edges] + [hi]
+    palette = ["#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2"]
+    for i, k in enumerate(range(k_min, k_max + 1)):
+        color = palette[i % len(palette)]
+        ax.axvspan(cuts[i], cuts[i + 1], color=color, alpha=0.18, lw=0)
+        ax.text(np.sqrt(cuts[i] * cuts[i + 1]), k + 0.35, f"P{k}", ha="center", fontsize=fontsize, color=color)
+    for e in edges:
+        ax.axvline(e, color="#555555", lw=0.8, ls="--")
+        ax.text(e, k_min - 0.45, f"{e:.0f}", ha="center", va="top", fontsize=fontsize - 1)
+    if sides is not None:
+        sides = np.asarray(sides, dtype=np.float64)
+        rois = np.stack([np.zeros_like(sides), np.zeros_like(sides), np.zeros_like(sides), sides, sides], axis=1)
+        levels = family.fpn_levels(rois, k_min, k_max, canonical_scale, canonical_level) + k_min
+        ax.scatter(sides, levels, s=14, color=COLORS["box"], zorder=5)
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(k_min - 0.8, k_max + 0.8)
+    ax.set_yticks(range(k_min, k_max + 1))
+    ax.set_xlabel("box size sqrt(w h), image pixels", fontsize=fontsize)
+    ax.set_ylabel("pyramid level k", fontsize=fontsize)
+    ax.tick_params(labelsize=fontsize)
+    return edges
+
+
+def fpn_boxes(ax, image_hw, rois: np.ndarray, k_min: int, k_max: int, canonical_scale: float = 224,
+              canonical_level: int = 4, fontsize: float = 8):
+    """Boxes on the image, each outlined in the colour of its FPN level (legend ``P<k>``).
+
+    Levels come from :func:`roilib.family.fpn_levels`. Returns the level of each box
+    (``k``, or ``None`` where it has none).
+    """
+    from . import family
+
+    palette = ["#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2"]
+    h, w = image_hw
+    rectangle(ax, 0, 0, w, h, edgecolor="#999999", lw=1)
+    levels = family.fpn_levels(rois, k_min, k_max, canonical_scale, canonical_level)
+    seen = set()
+    for box, level in zip(np.asarray(rois, dtype=np.float64), levels):
+        if level == family.NO_LEVEL:
+            continue
+        k = int(level) + k_min
+        label = None if k in seen else f"P{k}"
+        seen.add(k)
+        rectangle(ax, *box[1:5], edgecolor=palette[int(level) % len(palette)], lw=1.5, label=label)
+    ax.set_xlim(-0.02 * w, 1.02 * w)
+    ax.set_ylim(1.02 * h, -0.02 * h)
+    ax.set_aspect("equal")
+    ax.tick_params(labelsize=fontsize)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i])
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=fontsize - 1, loc="upper right")
+    return [None if lv == family.NO_LEVEL else int(lv) + k_min for lv in levels]
+
+
+def ps_channel_groups(ax, roi: Sequence[float], output_size, spatial_scale: float, height: int, width: int,
+                      out_channel: int = 0, fontsize: float = 8):
+    """PS-RoIPool's bins on the map, each labelled with the input channel it reads.
+
+    Bins are :func:`roilib.family.ps_roi_pool_bins` (clipped to the last pixel but one),
+    channels :func:`roilib.family.ps_channel` for output channel ``out_channel``.
+    Returns the ``(PH, PW)`` array of input channels drawn.
+    """
+    from . import family
+
+    roi = np.asarray(roi, dtype=np.float64).reshape(1, 5)
+    out = (output_size, output_size) if np.isscalar(output_size) else tuple(output_size)
+    bins = family.ps_roi_pool_bins(roi, out, spatial_scale, height, width)
+    channels = family.ps_channel(out_channel + 1, out)[out_channel]
+    cmap = _plt().get_cmap("tab10")
+    for p in range(out[0]):
+        for q in range(out[1]):
+            hs, he, ws, we = bins.hstart[0, p], bins.hend[0, p], bins.wstart[0, q], bins.wend[0, q]
+            color = cmap((p * out[1] + q) % 10)
+            if he > hs and we > ws:
+                rectangle(ax, ws - 0.5, hs - 0.5, we - 0.5, he - 0.5, fill=True, color=color, alpha=0.25, lw=0)
+                rectangle(ax, ws - 0.5, hs - 0.5, we - 0.5, he - 0.5, edgecolor=color, lw=1.2)
+                ax.text((ws + we - 1) / 2, (hs + he - 1) / 2, f"c{channels[p, q]}", ha="center", va="center",
+                        fontsize=fontsize, color="black")
+    exact = geometry.scale_boxes(roi, spatial_scale)[0]
+    rectangle(ax, *exact, edgecolor=COLORS["box"], ls="--", lw=1.8)
+    return channels

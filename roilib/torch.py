@@ -141,30 +141,38 @@ def _run_cuda(name: str, tensors, args, kwargs, device: torch.device):
         scope.enter_context(gpu.external_stream(torch.cuda.current_stream(device), device.index))
         scope.enter_context(cupy.cuda.using_allocator(buffers.cupy_malloc))
         scope.enter_context(_host.use_allocator(buffers.alloc))
-        arrays = [_to_array(t) for t in tensors]
-        return buffers.tensor_of(getattr(gpu, name)(*arrays, *args, **kwargs))
+        arrays = [_each(_to_array, t) for t in tensors]
+        return _each(buffers.tensor_of, getattr(gpu, name)(*arrays, *args, **kwargs))
 
 
-def _run(name: str, tensors: Tuple[Tensor, ...], *args, deterministic: Optional[bool] = None) -> Tensor:
+def _each(f, obj):
+    """``f`` applied to a tensor, or to each tensor of a list (a pyramid of maps)."""
+    return [f(t) for t in obj] if isinstance(obj, (list, tuple)) else f(obj)
+
+
+def _run(name: str, tensors: Tuple, *args, deterministic: Optional[bool] = None):
     """Call op ``name`` of the tensors' backend: NumPy on the CPU, the kernels on CUDA.
 
+    An entry of ``tensors`` may be a list of tensors (a pyramid), and the result a list.
     Tensors the kernels cannot read (bfloat16) are computed in float32 and the result
     is returned in their dtype. ``deterministic`` overrides :func:`_deterministic` for a
     CUDA input gradient.
     """
-    first = tensors[0]
+    first = tensors[0][0] if isinstance(tensors[0], (list, tuple)) else tensors[0]
     narrow = first.dtype if first.is_floating_point() and first.dtype not in _NATIVE else None
     if narrow is not None:
-        tensors = tuple(t.float() if t.dtype == narrow else t for t in tensors)
+        tensors = tuple(_each(lambda t: t.float() if t.dtype == narrow else t, a) for a in tensors)
     if first.is_cuda:
         kwargs = {}
         if name.endswith("backward") and not name.endswith("rois_backward"):
             kwargs["deterministic"] = _deterministic() if deterministic is None else deterministic
         out = _run_cuda(name, tensors, args, kwargs, first.device)
     else:
-        arrays = [_to_array(t) for t in tensors]
-        out = torch.from_numpy(np.ascontiguousarray(getattr(reference, name)(*arrays, *args)))
-    return out.to(narrow) if narrow is not None and out.is_floating_point() else out
+        arrays = [_each(_to_array, a) for a in tensors]
+        out = _each(lambda a: torch.from_numpy(np.ascontiguousarray(a)), getattr(reference, name)(*arrays, *args))
+    if narrow is None:
+        return out
+    return _each(lambda t: t.to(narrow) if t.is_floating_point() else t, out)
 
 
 # ------------------------------------------------------------- argument normalisation
@@ -646,14 +654,15 @@ def _register_autocast(name: str) -> None:
     op = getattr(torch.ops.roilib, name)
 
     def make_kernel(device_type: str):
+        def widen(a):
+            if isinstance(a, (list, tuple)):
+                return [widen(t) for t in a]
+            return a.float() if isinstance(a, Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a
+
         def kernel(input, *args):
             with torch.autocast(device_type, enabled=False):
-                cast = [
-                    a.float() if isinstance(a, Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a
-                    for a in (input, *args)
-                ]
-                out = op(*cast)
-            return out.to(input.dtype)
+                out = op(*[widen(a) for a in (input, *args)])
+            return out.to(input[0].dtype if isinstance(input, (list, tuple)) else input.dtype)
 
         return kernel
 
@@ -833,11 +842,12 @@ def _alert_not_deterministic(name: str) -> None:
     raise RuntimeError(message)
 
 
-def _run_atomic(name: str, tensors: Tuple[Tensor, ...], *args) -> Tensor:
+def _run_atomic(name: str, tensors: Tuple, *args):
     """:func:`_run` for ops whose CUDA input gradient exists only with atomics: under
     ``torch.use_deterministic_algorithms(True)`` it raises (or warns) as torchvision's
     ops do."""
-    if tensors[0].is_cuda and name.endswith("_backward") and not name.endswith("rois_backward"):
+    first = tensors[0][0] if isinstance(tensors[0], (list, tuple)) else tensors[0]
+    if first.is_cuda and name.endswith("_backward") and not name.endswith("rois_backward"):
         _alert_not_deterministic(f"roilib::{name}")
         return _run(name, tensors, *args, deterministic=False)
     return _run(name, tensors, *args)
@@ -1008,4 +1018,286 @@ __all__ += ["roi_align_rotated", "prroi_pool", "RoIAlignRotated", "PrRoIPool"]
 
 
 for _name in ("roi_align_rotated", "prroi_pool"):
+    _register_autocast(_name)
+
+
+# ------------------------------------- FPN multiscale RoIAlign, PS-RoIPool, PS-RoIAlign
+#
+# Their kernels have an atomic backward only (a deterministic one is planned): on CUDA
+# the backward uses it unless torch.use_deterministic_algorithms(True) is on, in which
+# case it raises (or warns, with warn_only=True) as torch's own nondeterministic ops do.
+
+__all__ += ["multiscale_roi_align", "ps_roi_pool", "ps_roi_align", "MultiScaleRoIAlign", "PSRoIPool", "PSRoIAlign"]
+
+
+@torch.library.custom_op("roilib::ps_roi_pool", mutates_args=())
+def _ps_roi_pool(input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float) -> Tensor:
+    return _run_atomic("ps_roi_pool", (input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale)
+
+
+@_ps_roi_pool.register_fake
+def _(input, rois, output_size, spatial_scale):
+    c_out = input.shape[1] // (output_size[0] * output_size[1])
+    return input.new_empty((rois.shape[0], c_out, output_size[0], output_size[1]))
+
+
+@torch.library.custom_op("roilib::ps_roi_pool_backward", mutates_args=())
+def _ps_roi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float) -> Tensor:
+    return _run_atomic("ps_roi_pool_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale)
+
+
+@_ps_roi_pool_backward.register_fake
+def _(grad, input, rois, output_size, spatial_scale):
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op("roilib::ps_roi_align", mutates_args=())
+def _ps_roi_align(input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int) -> Tensor:
+    return _run_atomic("ps_roi_align", (input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio)
+
+
+@_ps_roi_align.register_fake
+def _(input, rois, output_size, spatial_scale, sampling_ratio):
+    c_out = input.shape[1] // (output_size[0] * output_size[1])
+    return input.new_empty((rois.shape[0], c_out, output_size[0], output_size[1]))
+
+
+@torch.library.custom_op("roilib::ps_roi_align_backward", mutates_args=())
+def _ps_roi_align_backward(
+    grad: Tensor, input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float, sampling_ratio: int
+) -> Tensor:
+    return _run_atomic(
+        "ps_roi_align_backward", (grad, input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, sampling_ratio
+    )
+
+
+@_ps_roi_align_backward.register_fake
+def _(grad, input, rois, output_size, spatial_scale, sampling_ratio):
+    return torch.empty_like(input)
+
+
+_register_backward(_ps_roi_pool, _ps_roi_pool_backward)
+_register_backward(_ps_roi_align, _ps_roi_align_backward)
+
+
+def _check_ps_channels(input: Tensor, output_size: List[int]) -> None:
+    if input.dim() == 4 and input.shape[1] % (output_size[0] * output_size[1]) != 0:
+        raise ValueError(
+            f"input has {input.shape[1]} channels, which is not a multiple of PH * PW = "
+            f"{output_size[0]} * {output_size[1]} = {output_size[0] * output_size[1]}"
+        )
+
+
+def ps_roi_pool(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0) -> Tensor:
+    """Position-sensitive RoIPool (R-FCN), as ``torchvision.ops.ps_roi_pool``;
+    differentiable in ``input``.
+
+    ``input`` has ``C_out * PH * PW`` channels; output ``(c, ph, pw)`` averages channel
+    ``(c * PH + ph) * PW + pw`` over its bin. The backward is the forward's exact
+    transpose (torchvision's differs at the map's last row/column; see the API page).
+
+    Returns
+    -------
+    Tensor, shape (K, C_out, PH, PW)
+    """
+    size = _pair(output_size)
+    _check_ps_channels(input, size)
+    return _ps_roi_pool(input, _as_rois(boxes, input), size, float(spatial_scale))
+
+
+def ps_roi_align(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1) -> Tensor:
+    """Position-sensitive RoIAlign, as ``torchvision.ops.ps_roi_align`` (half-pixel
+    offset always on); differentiable in ``input``. A box whose adaptive grid is empty
+    gives 0 where torchvision gives NaN.
+
+    Returns
+    -------
+    Tensor, shape (K, C_out, PH, PW)
+    """
+    size = _pair(output_size)
+    _check_ps_channels(input, size)
+    return _ps_roi_align(input, _as_rois(boxes, input), size, float(spatial_scale), int(sampling_ratio))
+
+
+@torch.library.custom_op("roilib::multiscale_roi_align", mutates_args=())
+def _multiscale_roi_align(
+    features: List[Tensor], rois: Tensor, output_size: List[int], scales: List[float], sampling_ratio: int,
+    canonical_scale: float, canonical_level: int, eps: float, aligned: bool,
+) -> Tensor:
+    return _run_atomic(
+        "multiscale_roi_align", (list(features), rois.to(_box_dtype(features[0]))), tuple(output_size), list(scales),
+        sampling_ratio, canonical_scale, canonical_level, eps, aligned,
+    )
+
+
+@_multiscale_roi_align.register_fake
+def _(features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, eps, aligned):
+    return features[0].new_empty((rois.shape[0], features[0].shape[1], output_size[0], output_size[1]))
+
+
+@torch.library.custom_op("roilib::multiscale_roi_align_backward", mutates_args=())
+def _multiscale_roi_align_backward(
+    grad: Tensor, features: List[Tensor], rois: Tensor, output_size: List[int], scales: List[float],
+    sampling_ratio: int, canonical_scale: float, canonical_level: int, eps: float, aligned: bool,
+) -> List[Tensor]:
+    return _run_atomic(
+        "multiscale_roi_align_backward", (grad, list(features), rois.to(_box_dtype(features[0]))), tuple(output_size),
+        list(scales), sampling_ratio, canonical_scale, canonical_level, eps, aligned,
+    )
+
+
+@_multiscale_roi_align_backward.register_fake
+def _(grad, features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, eps, aligned):
+    return [torch.empty_like(f) for f in features]
+
+
+def _multiscale_setup(ctx, inputs, output):
+    features, rois, *args = inputs
+    ctx.save_for_backward(rois, *features)
+    ctx.args = args
+
+
+def _multiscale_backward_rule(ctx, grad):
+    rois, *features = ctx.saved_tensors
+    grads = None
+    if ctx.needs_input_grad[0]:
+        grads = list(_multiscale_roi_align_backward(grad.contiguous(), features, rois, *ctx.args))
+    return (grads, None) + (None,) * len(ctx.args)
+
+
+_multiscale_roi_align.register_autograd(_multiscale_backward_rule, setup_context=_multiscale_setup)
+
+
+def multiscale_roi_align(
+    features: Sequence[Tensor],
+    boxes: BoxesLike,
+    output_size,
+    scales: Sequence[float],
+    sampling_ratio: int = 2,
+    canonical_scale: float = 224,
+    canonical_level: int = 4,
+    eps: float = 1e-6,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign over a feature pyramid, each box on its FPN level, in one call;
+    differentiable in every map.
+
+    Parameters
+    ----------
+    features : list of Tensor, each (N, C, H_l, W_l), finest first
+    boxes : Tensor (K, 5) or list of (K_i, 4) Tensors, image pixels
+    output_size : int or (int, int)
+    scales : list of float
+        Each map's spatial scale (powers of two, halving level to level).
+    sampling_ratio, canonical_scale, canonical_level, eps, aligned
+        As in :func:`roilib.multiscale_roi_align`.
+
+    Returns
+    -------
+    Tensor, shape (K, C, PH, PW)
+    """
+    features = list(features)
+    if not features:
+        raise ValueError("features must hold at least one map")
+    return _multiscale_roi_align(
+        features, _as_rois(boxes, features[0]), _pair(output_size), [float(s) for s in scales], int(sampling_ratio),
+        float(canonical_scale), int(canonical_level), float(eps), bool(aligned),
+    )
+
+
+class PSRoIPool(nn.Module):
+    """``nn.Module`` form of :func:`ps_roi_pool` (torchvision's ``PSRoIPool``)."""
+
+    def __init__(self, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+
+    def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
+        return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
+
+
+class PSRoIAlign(nn.Module):
+    """``nn.Module`` form of :func:`ps_roi_align` (torchvision's ``PSRoIAlign``)."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int):
+        super().__init__()
+        self.output_size, self.spatial_scale, self.sampling_ratio = output_size, spatial_scale, sampling_ratio
+
+    def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
+        return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}"
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """Drop-in for ``torchvision.ops.MultiScaleRoIAlign``, pooling all levels in one call.
+
+    ``forward(x, boxes, image_shapes)`` takes a dict of maps (those named in
+    ``featmap_names`` are used, in the dict's order, finest first), a list of per-image
+    ``(K_i, 4)`` boxes in image pixels and the images' ``(height, width)`` before
+    padding. As in torchvision, each map's scale is inferred on the first call from the
+    largest image size (the power of two nearest ``map size / image size``) and then
+    kept; the pyramid levels follow from the scales; each box is pooled by RoIAlign
+    (``aligned=False``) on level ``floor(canonical_level + log2(sqrt(w h) /
+    canonical_scale) + 1e-6)``, clamped to the levels present.
+
+    Unlike torchvision, names missing from ``x``, and scales that differ between the
+    height and the width or do not halve from one map to the next, raise a
+    ``ValueError`` instead of pooling silently from the wrong level.
+    """
+
+    def __init__(self, featmap_names: List[str], output_size, sampling_ratio: int, *, canonical_scale: int = 224,
+                 canonical_level: int = 4):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = featmap_names
+        self.sampling_ratio = sampling_ratio
+        self.output_size = tuple(output_size)
+        self.scales = None
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def _select(self, x) -> List[Tensor]:
+        missing = [name for name in self.featmap_names if name not in x]
+        if missing:
+            raise ValueError(f"featmap_names {missing} are not among the feature maps' names {list(x)}")
+        return [v for k, v in x.items() if k in self.featmap_names]
+
+    def _setup_scales(self, maps: List[Tensor], image_shapes) -> List[float]:
+        from ._validate import check_scales
+        from .family import infer_scale
+
+        if not image_shapes:
+            raise ValueError("image_shapes must list at least one (height, width)")
+        largest = (max(int(s[0]) for s in image_shapes), max(int(s[1]) for s in image_shapes))
+        scales = []
+        for m in maps:
+            from_h, from_w = infer_scale(tuple(m.shape[-2:]), largest)
+            if from_h != from_w:
+                raise ValueError(
+                    f"mismatched scales: a map of size {tuple(m.shape[-2:])} for images up to {largest} has scale "
+                    f"{from_h} by its height but {from_w} by its width"
+                )
+            scales.append(from_h)
+        check_scales(scales, len(maps))
+        return scales
+
+    def forward(self, x, boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        maps = self._select(x)
+        if self.scales is None:
+            self.scales = self._setup_scales(maps, image_shapes)
+        return multiscale_roi_align(
+            maps, boxes, self.output_size, self.scales, self.sampling_ratio, self.canonical_scale, self.canonical_level
+        )
+
+    def extra_repr(self) -> str:
+        return f"featmap_names={self.featmap_names}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}"
+
+
+for _name in ("ps_roi_pool", "ps_roi_align", "multiscale_roi_align"):
     _register_autocast(_name)

@@ -98,6 +98,26 @@ def recorded_launches():
 LAUNCHES = recorded_launches()
 
 
+def _family_launches():
+    """Launches of the position-sensitive and multiscale ops (issue 11)."""
+    rec = _Recorder()
+    for dtype in (np.float16, np.float32, np.float64):
+        rois = np.array([[0, 0.5, 0.5, 4.0, 3.0]])
+        x = np.ones((1, 8, 5, 6), dtype=dtype)
+        g = np.ones((1, 2, 2, 2), dtype=dtype)
+        rec.ps_roi_pool(x, rois, 2)
+        rec.ps_roi_pool_backward(g, x, rois, 2)
+        rec.ps_roi_align(x, rois, 2)
+        rec.ps_roi_align_backward(g, x, rois, 2)
+        maps = [np.ones((1, 2, 8, 8), dtype=dtype), np.ones((1, 2, 4, 4), dtype=dtype)]
+        rec.multiscale_roi_align(maps, rois, 2, (0.25, 0.125))
+        rec.multiscale_roi_align_backward(np.ones((1, 2, 2, 2), dtype=dtype), maps, rois, 2, (0.25, 0.125))
+    return rec.launches
+
+
+LAUNCHES.update(_family_launches())
+
+
 def _param_kind(arg) -> str:
     """The PTX parameter type a host argument must meet."""
     if isinstance(arg, np.ndarray) or isinstance(arg, np.int64):

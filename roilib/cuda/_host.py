@@ -78,7 +78,9 @@ def _on_device(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        first = args[0] if args else kwargs.get("grad_output", kwargs.get("input"))
+        first = args[0] if args else kwargs.get("grad_output", kwargs.get("input", kwargs.get("features")))
+        if isinstance(first, (list, tuple)):  # a pyramid of maps
+            first = first[0]
         with self.device_scope(first):
             return method(self, *args, **kwargs)
 
@@ -725,6 +727,186 @@ class KernelOps:
         self._run("prroi_pool", "box_partial", x.dtype, k * c, g, x, r, *dims, scale, partial)
         self._run("prroi_pool", "box_reduce", x.dtype, k * 5, partial, np.int64(c), out)
         return self._cast(out, x.dtype)
+
+    # -- issue 11: position-sensitive pooling and FPN multiscale RoIAlign -------------
+    #
+    # Their backward kernels use atomics only so far; ``deterministic=True`` raises
+    # NotImplementedError naming the op until a deterministic kernel exists.
+
+    def _address(self, array) -> int:
+        """Device (or host) address of an array's first element, for pointer tables."""
+        return int(array.ctypes.data) if self.xp is np else int(array.data.ptr)
+
+    @staticmethod
+    def _atomic_only(op: str, deterministic: bool) -> None:
+        if deterministic:
+            raise NotImplementedError(
+                f"{op}: no deterministic backward kernel yet; call it with deterministic=False for the atomic one"
+            )
+
+    def _ps_args(self, input, rois, output_size, spatial_scale):
+        x, r, ph, pw, scale = self._box_args(input, rois, output_size, spatial_scale)
+        return x, r, ph, pw, scale, v.check_ps_channels(x, (ph, pw))
+
+    @_on_device
+    def ps_roi_pool(self, input, rois, output_size, spatial_scale=1.0):
+        """Position-sensitive RoIPool forward (as ``roilib.reference.ps_roi_pool``).
+
+        Returns
+        -------
+        array, shape (K, C_out, PH, PW), the input's dtype
+        """
+        x, r, ph, pw, scale, c_out = self._ps_args(input, rois, output_size, spatial_scale)
+        n, c, h, w = x.shape
+        out = self._empty((r.shape[0], c_out, ph, pw), x.dtype)
+        self._run("ps_roi", "pool_forward", x.dtype, out.size, x, r, *_ints(n, c, h, w, ph, pw, c_out), scale, out)
+        return out
+
+    @_on_device
+    def ps_roi_pool_backward(self, grad_output, input, rois, output_size, spatial_scale=1.0, deterministic=False):
+        """Gradient of ``ps_roi_pool`` with respect to ``input`` (atomic scatter).
+
+        Parameters
+        ----------
+        grad_output : array, shape (K, C_out, PH, PW)
+        input, rois, output_size, spatial_scale
+            As in ``roilib.reference.ps_roi_pool``.
+        deterministic : bool
+            Must be ``False`` for now (no deterministic kernel yet).
+
+        Returns
+        -------
+        array, shape (N, C, H, W), the input's dtype
+        """
+        self._atomic_only("ps_roi_pool_backward", deterministic)
+        x, r, ph, pw, scale, c_out = self._ps_args(input, rois, output_size, spatial_scale)
+        n, c, h, w = x.shape
+        g = self._grad(grad_output, (r.shape[0], c_out, ph, pw), x)
+        grad = self._zeros_acc(x.shape, x.dtype)
+        self._run("ps_roi", "pool_backward_atomic", x.dtype, g.size, g, r, *_ints(n, c, h, w, ph, pw, c_out), scale, grad)
+        return self._cast(grad, x.dtype)
+
+    @_on_device
+    def ps_roi_align(self, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1):
+        """Position-sensitive RoIAlign forward (as ``roilib.reference.ps_roi_align``).
+
+        Returns
+        -------
+        array, shape (K, C_out, PH, PW), the input's dtype
+        """
+        x, r, ph, pw, scale, c_out = self._ps_args(input, rois, output_size, spatial_scale)
+        sr = np.int32(v.check_sampling_ratio(sampling_ratio))
+        n, c, h, w = x.shape
+        out = self._empty((r.shape[0], c_out, ph, pw), x.dtype)
+        self._run("ps_roi", "align_forward", x.dtype, out.size, x, r, *_ints(n, c, h, w, ph, pw, c_out), scale, sr, out)
+        return out
+
+    @_on_device
+    def ps_roi_align_backward(
+        self, grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, deterministic=False
+    ):
+        """Gradient of ``ps_roi_align`` with respect to ``input`` (atomic scatter).
+
+        Parameters
+        ----------
+        grad_output : array, shape (K, C_out, PH, PW)
+        input, rois, output_size, spatial_scale, sampling_ratio
+            As in ``roilib.reference.ps_roi_align``.
+        deterministic : bool
+            Must be ``False`` for now (no deterministic kernel yet).
+
+        Returns
+        -------
+        array, shape (N, C, H, W), the input's dtype
+        """
+        self._atomic_only("ps_roi_align_backward", deterministic)
+        x, r, ph, pw, scale, c_out = self._ps_args(input, rois, output_size, spatial_scale)
+        sr = np.int32(v.check_sampling_ratio(sampling_ratio))
+        n, c, h, w = x.shape
+        g = self._grad(grad_output, (r.shape[0], c_out, ph, pw), x)
+        grad = self._zeros_acc(x.shape, x.dtype)
+        self._run(
+            "ps_roi", "align_backward_atomic", x.dtype, g.size, g, r, *_ints(n, c, h, w, ph, pw, c_out), scale, sr, grad
+        )
+        return self._cast(grad, x.dtype)
+
+    def _pyramid_args(self, features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level,
+                      eps, aligned):
+        """Checked maps and boxes, the per-box level array (computed on the device),
+        the scales table and the ints every multiscale kernel takes."""
+        from ..family import level_range
+
+        maps = [self._input(f, f"features[{i}]") for i, f in enumerate(v.check_features(features))]
+        x = maps[0]
+        ph, pw = v.check_output_size(output_size)
+        scales = v.check_scales(scales, len(maps))
+        sr = v.check_sampling_ratio(sampling_ratio)
+        s0, k0, eps = v.check_fpn_mapping(canonical_scale, canonical_level, eps)
+        al = v.check_aligned(aligned)
+        r = self._rois(rois, x)
+        k_min, k_max = level_range(scales)
+        levels = self._empty((r.shape[0],), np.int32)
+        self._run(
+            "multiscale", "levels", x.dtype, r.shape[0], r, *_ints(x.shape[0], len(maps), k_min, k_max, k0),
+            _real(x.dtype, s0), _real(x.dtype, eps), levels,
+        )
+        # host-to-device copies of two small tables (levels' scales; in _level_table the
+        # maps' addresses and sizes): no read-back, but not capturable in a CUDA graph
+        scale_table = self.xp.asarray(np.array(scales, dtype=v.compute_dtype(x.dtype)))
+        return maps, r, levels, scale_table, _ints(x.shape[1], ph, pw, sr, al)
+
+    def _level_table(self, arrays):
+        """``(L, 3)`` int64 ``{address, H, W}`` per level, on this backend's device."""
+        rows = [(self._address(a), a.shape[2], a.shape[3]) for a in arrays]
+        return self.xp.asarray(np.array(rows, dtype=np.int64))
+
+    @_on_device
+    def multiscale_roi_align(self, features, rois, output_size, scales, sampling_ratio=2, canonical_scale=224,
+                             canonical_level=4, eps=1e-6, aligned=False):
+        """RoIAlign over a pyramid, each box on its FPN level: one launch for the levels,
+        one for the pooling (as ``roilib.reference.multiscale_roi_align``).
+
+        Returns
+        -------
+        array, shape (K, C, PH, PW), the maps' dtype
+        """
+        maps, r, levels, scale_table, ints = self._pyramid_args(
+            features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, eps, aligned
+        )
+        c, ph, pw = (int(i) for i in ints[:3])
+        out = self._empty((r.shape[0], c, ph, pw), maps[0].dtype)
+        table = self._level_table(maps)
+        self._run("multiscale", "forward", maps[0].dtype, out.size, table, scale_table, levels, r, *ints, out)
+        return out
+
+    @_on_device
+    def multiscale_roi_align_backward(self, grad_output, features, rois, output_size, scales, sampling_ratio=2,
+                                      canonical_scale=224, canonical_level=4, eps=1e-6, aligned=False,
+                                      deterministic=False):
+        """Gradient of ``multiscale_roi_align`` for every map (atomic scatter, one launch).
+
+        Parameters
+        ----------
+        grad_output : array, shape (K, C, PH, PW)
+        features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, eps, aligned
+            As in ``roilib.reference.multiscale_roi_align``.
+        deterministic : bool
+            Must be ``False`` for now (no deterministic kernel yet).
+
+        Returns
+        -------
+        list of arrays, one per map, with its shape and dtype
+        """
+        self._atomic_only("multiscale_roi_align_backward", deterministic)
+        maps, r, levels, scale_table, ints = self._pyramid_args(
+            features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, eps, aligned
+        )
+        c, ph, pw = (int(i) for i in ints[:3])
+        g = self._grad(grad_output, (r.shape[0], c, ph, pw), maps[0])
+        grads = [self._zeros_acc(m.shape, m.dtype) for m in maps]
+        table = self._level_table(grads)
+        self._run("multiscale", "backward_atomic", maps[0].dtype, g.size, g, table, scale_table, levels, r, *ints)
+        return [self._cast(gr, m.dtype) for gr, m in zip(grads, maps)]
 
 
 def angle_cos_sin(angle_degrees, dtype):

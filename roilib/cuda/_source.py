@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import List
 
 KERNEL_DIR = Path(__file__).resolve().with_name("kernels")
-FAMILIES = ("roi_align", "roi_pool", "roi_warp", "spp", "tiles")
+FAMILIES = (
+    "roi_align", "roi_pool", "roi_warp", "spp", "tiles",
+    "ps_roi", "multiscale", "roi_align_rotated", "prroi_pool",
+)  # fmt: skip
 
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
 
@@ -79,5 +82,3 @@ def cuda_include_dirs() -> List[str]:
                 dirs.append(str(root / sub))
     return dirs
 
-# issue 12: rotated RoIAlign and Precise RoI Pooling
-FAMILIES = FAMILIES + ("roi_align_rotated", "prroi_pool")

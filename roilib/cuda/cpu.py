@@ -73,6 +73,13 @@ __all__ = [
     "roi_warp",
     "roi_warp_backward",
     "roi_warp_rois_backward",
+
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
+    "ps_roi_align",
+    "ps_roi_align_backward",
+    "multiscale_roi_align",
+    "multiscale_roi_align_backward",
     "build",
     "build_source",
     "CpuOps",
@@ -229,3 +236,10 @@ roi_align_rotated_rois_backward = _ops.roi_align_rotated_rois_backward
 prroi_pool = _ops.prroi_pool
 prroi_pool_backward = _ops.prroi_pool_backward
 prroi_pool_rois_backward = _ops.prroi_pool_rois_backward
+
+ps_roi_pool = _ops.ps_roi_pool
+ps_roi_pool_backward = _ops.ps_roi_pool_backward
+ps_roi_align = _ops.ps_roi_align
+ps_roi_align_backward = _ops.ps_roi_align_backward
+multiscale_roi_align = _ops.multiscale_roi_align
+multiscale_roi_align_backward = _ops.multiscale_roi_align_backward

@@ -10,6 +10,8 @@ from .roi_align import (
 from .roi_warp import roi_warp, roi_warp_backward, roi_warp_rois_backward
 from .roi_pool import roi_pool, roi_pool_backward
 from .spp import spp, spp_backward
+from .multiscale import multiscale_roi_align, multiscale_roi_align_backward
+from .ps_roi import ps_roi_align, ps_roi_align_backward, ps_roi_pool, ps_roi_pool_backward
 
 __all__ = [
     "spp",
@@ -38,4 +40,11 @@ __all__ += [
     "prroi_pool",
     "prroi_pool_backward",
     "prroi_pool_rois_backward",
+
+    "multiscale_roi_align",
+    "multiscale_roi_align_backward",
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
+    "ps_roi_align",
+    "ps_roi_align_backward",
 ]

@@ -55,7 +55,8 @@ __device__ SampleGrid<A> sample_grid(bool valid, int batch, A x1, A y1, A x2, A 
   const int cap = 1 << 20;
   g.gh = sampling_ratio > 0 ? sampling_ratio : clamp_to_int(ceil(roi_h / (A)PH), 0, cap);
   g.gw = sampling_ratio > 0 ? sampling_ratio : clamp_to_int(ceil(roi_w / (A)PW), 0, cap);
-  g.count = (A)imax(g.gh * g.gw, 1);
+  long long count = (long long)g.gh * g.gw;  // each may be up to 2^20: no int product
+  g.count = (A)(count > 1 ? count : 1);
   return g;
 }
 
