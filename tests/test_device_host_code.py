@@ -259,3 +259,31 @@ def test_bad_rotated_and_prroi_rows_on_a_device_give_nan():
     rois5[0, 0] = 0.5
     out5 = FakeDeviceOps().prroi_pool(to_device(x5), to_device(rois5), SIZE, SCALE)._data
     assert np.isnan(out5[0]).all() and not np.isnan(out5[1:]).any()
+
+
+@pytest.mark.parametrize("op_kw", BOX_OPS, ids=_id)
+def test_every_returned_array_comes_from_the_installed_allocator(op_kw):
+    """roilib.torch installs torch's allocator with use_allocator: what an op returns
+    must be one of the buffers it handed out, never an array made elsewhere."""
+    from roilib.cuda._host import use_allocator
+
+    op, kw = op_kw
+    x, rois = make_case(np.float32, spatial_scale=SCALE)
+    made = []
+
+    def alloc(shape, dtype):
+        made.append(fake.xp.empty(shape, dtype))
+        return made[-1]
+
+    ops = FakeDeviceOps()
+    xd, rd = to_device(x), to_device(rois)
+    with use_allocator(alloc):
+        out = getattr(ops, op)(xd, rd, SIZE, SCALE, **kw)
+        g = to_device(grad_like(out._data))
+        results = [out] + [
+            getattr(ops, op + "_backward")(g, xd, rd, SIZE, SCALE, deterministic=det, **kw) for det in (False, True)
+        ]
+        if op != "roi_pool":
+            results.append(getattr(ops, op + "_rois_backward")(g, xd, rd, SIZE, SCALE, **kw))
+    for result in results:
+        assert any(result is buffer for buffer in made)
