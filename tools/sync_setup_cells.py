@@ -49,16 +49,19 @@ import importlib, re, shutil, subprocess, sys
 
 
 def pip_install(requirement, required=True):
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement], check=required)
+    command = [sys.executable, "-m", "pip", "install", "-q", requirement]
+    subprocess.run(command, check=required)
     importlib.invalidate_caches()
 
 
 def cuda_major():
-    """The CUDA major version of this runtime's NVIDIA driver; None without a GPU."""
+    """CUDA major version of this runtime's NVIDIA driver; None without a GPU."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60)
+        smi = subprocess.run(
+            ["nvidia-smi"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if smi.returncode != 0:  # a driver without a usable device
@@ -80,7 +83,8 @@ except ImportError:
     import roilib
 try:
     import cupy
-except ImportError:  # a GPU runtime without CuPy: the wheel for its CUDA major version
+except ImportError:  # a GPU runtime without CuPy: the wheel for its CUDA
+    # major version
     major = cuda_major()
     if major in (12, 13):  # if this fails, the chapter still runs, on the CPU
         pip_install(f"cupy-cuda{major}x[ctk]", required=False)
