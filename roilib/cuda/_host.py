@@ -176,6 +176,19 @@ class KernelOps:
     def _zeros_acc(self, shape, dtype):
         return self._zeros(shape, v.compute_dtype(dtype))
 
+    def _box_gradient(self, family, x, g, boxes, args, channels_arg, columns):
+        """The two passes of every box gradient (``<family>_box_partial`` per (box,
+        channel), then ``<family>_box_reduce`` over the channels in order): a
+        ``(K, columns)`` array, batch column 0, in ``x``'s dtype. ``boxes`` are the box
+        arrays the kernels read, ``args`` the scalars that follow them."""
+        k, c = g.shape[0], g.shape[1]
+        acc = v.compute_dtype(x.dtype)
+        partial = self._alloc((k, c, columns - 1), acc)  # both passes write every element
+        out = self._alloc((k, columns), acc)
+        self._run(family, "box_partial", x.dtype, k * c, g, x, *boxes, *args, partial)
+        self._run(family, "box_reduce", x.dtype, k * columns, partial, channels_arg, out)
+        return self._cast(out, x.dtype)
+
     def _box_tiles(self, ranges, n_images, h, w):
         """Per-tile box lists for the deterministic backward (see ``tiles.cu``).
 
@@ -316,13 +329,8 @@ class KernelOps:
         n, c, h, w = x.shape
         k = r.shape[0]
         g = self._grad(grad_output, (k, c, ph, pw), x)
-        acc = v.compute_dtype(x.dtype)
-        partial = self._alloc((k, c, 4), acc)  # both passes write every element
-        out = self._alloc((k, 5), acc)
-        dims = _ints(n, c, h, w, ph, pw)
-        self._run("roi_align", "box_partial", x.dtype, k * c, g, x, r, *dims, *box, np.int32(m), partial)
-        self._run("roi_align", "box_reduce", x.dtype, k * 5, partial, np.int32(c), out)
-        return self._cast(out, x.dtype)
+        args = (*_ints(n, c, h, w, ph, pw), *box, np.int32(m))
+        return self._box_gradient("roi_align", x, g, (r,), args, np.int32(c), 5)
 
     # -- RoIWarp (MNC's layer; kernels in roi_warp.cu) ------------------------------
 
@@ -411,12 +419,8 @@ class KernelOps:
         n, c, h, w = x.shape
         k = r.shape[0]
         g = self._grad(grad_output, (k, c, ph, pw), x)
-        acc = v.compute_dtype(x.dtype)
-        partial = self._alloc((k, c, 4), acc)  # both passes write every element
-        out = self._alloc((k, 5), acc)
-        self._run("roi_warp", "box_partial", x.dtype, k * c, g, x, r, *_ints(n, c, h, w, ph, pw), *box, partial)
-        self._run("roi_warp", "box_reduce", x.dtype, k * 5, partial, np.int32(c), out)
-        return self._cast(out, x.dtype)
+        args = (*_ints(n, c, h, w, ph, pw), *box)
+        return self._box_gradient("roi_warp", x, g, (r,), args, np.int32(c), 5)
 
     # -- RoIPool ---------------------------------------------------------------------
 
@@ -646,13 +650,8 @@ class KernelOps:
         n, c, h, w = x.shape
         k = r.shape[0]
         g = self._grad(grad_output, (k, c, ph, pw), x)
-        acc = v.compute_dtype(x.dtype)
-        partial = self._empty((k, c, 5), acc)
-        out = self._empty((k, 6), acc)
-        dims = _longs(n, c, h, w, ph, pw)
-        self._run("roi_align_rotated", "box_partial", x.dtype, k * c, g, x, r, trig, *dims, *box, partial)
-        self._run("roi_align_rotated", "box_reduce", x.dtype, k * 6, partial, np.int64(c), out)
-        return self._cast(out, x.dtype)
+        args = (*_longs(n, c, h, w, ph, pw), *box)
+        return self._box_gradient("roi_align_rotated", x, g, (r, trig), args, np.int64(c), 6)
 
     @_on_device
     def prroi_pool(self, input, rois, output_size, spatial_scale=1.0):
@@ -720,13 +719,8 @@ class KernelOps:
         n, c, h, w = x.shape
         k = r.shape[0]
         g = self._grad(grad_output, (k, c, ph, pw), x)
-        acc = v.compute_dtype(x.dtype)
-        partial = self._empty((k, c, 4), acc)
-        out = self._empty((k, 5), acc)
-        dims = _longs(n, c, h, w, ph, pw)
-        self._run("prroi_pool", "box_partial", x.dtype, k * c, g, x, r, *dims, scale, partial)
-        self._run("prroi_pool", "box_reduce", x.dtype, k * 5, partial, np.int64(c), out)
-        return self._cast(out, x.dtype)
+        args = (*_longs(n, c, h, w, ph, pw), scale)
+        return self._box_gradient("prroi_pool", x, g, (r,), args, np.int64(c), 5)
 
     # -- issue 11: position-sensitive pooling and FPN multiscale RoIAlign -------------
     #
