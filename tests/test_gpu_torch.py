@@ -86,14 +86,29 @@ def test_spp_matches_the_reference():
     np.testing.assert_allclose(x.grad.cpu().numpy(), expected)
 
 
-def test_matches_torchvision_cuda_ops():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_matches_torchvision_cuda_ops(dtype):
     tv = pytest.importorskip("torchvision.ops")
-    x, boxes = _case(torch.float32)
+    x, boxes = _case(dtype)
+    boxes = boxes.to(dtype)  # torchvision wants boxes in the input's dtype
+    tol = dict(atol=TOL[dtype], rtol=TOL[dtype])
     for aligned in (False, True):
-        ours = rt.roi_align(x, boxes, 7, SCALE, 2, aligned)
-        theirs = tv.roi_align(x, boxes, 7, SCALE, 2, aligned)
-        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert torch.equal(rt.roi_pool(x, boxes, 7, SCALE), tv.roi_pool(x, boxes, 7, SCALE))
+        for sr in (-1, 2):
+            xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            ours = rt.roi_align(xa, boxes, 7, SCALE, sr, aligned)
+            theirs = tv.roi_align(xb, boxes, 7, SCALE, sr, aligned)
+            assert torch.allclose(ours.double(), theirs.double(), **tol)
+            g = torch.randn_like(ours)
+            ours.backward(g)
+            theirs.backward(g)
+            assert torch.allclose(xa.grad.double(), xb.grad.double(), **tol)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours, theirs = rt.roi_pool(xa, boxes, 7, SCALE), tv.roi_pool(xb, boxes, 7, SCALE)
+    assert torch.equal(ours, theirs)
+    g = torch.randn_like(ours)
+    ours.backward(g)
+    theirs.backward(g)
+    assert torch.allclose(xa.grad.double(), xb.grad.double(), **tol)
 
 
 @pytest.mark.parametrize("op_kw", OPS, ids=_id)
