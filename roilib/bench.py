@@ -134,6 +134,10 @@ def _roilib_runner(op, kwargs, backward, x, rois, g):
         args = (x, rois, OUTPUT_SIZE, SPATIAL_SCALE)
     if backward:
         fn = getattr(roilib, op + "_backward")
+        if op == "roi_pool":
+            # like torchvision's backward, use the argmax the forward found (not timed)
+            _, argmax = roilib.roi_pool(*args, return_argmax=True)
+            return lambda: fn(g, *args, argmax=argmax, **kwargs)
         return lambda: fn(g, *args, **kwargs)
     fn = getattr(roilib, op)
     return lambda: fn(*args, **kwargs)

@@ -48,3 +48,87 @@ def take_block(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndar
 def add_block(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
     """``plane[rows][:, cols] += values`` in place (rows and cols are unique)."""
     plane[_block_index(rows, cols)] += values
+
+
+#: boxes reading fewer map cells than this fraction of the map are read block by block
+#: (each block transposed on its own) instead of copying the whole map channels-last
+WHOLE_MAP_FRACTION = 0.5
+
+
+def cells_read(rois: np.ndarray, spatial_scale: float, height: int, width: int) -> int:
+    """An upper estimate of the map cells the boxes read: each box's scaled extent plus a
+    cell of bilinear reach on every side, clipped to the map. It only chooses a layout
+    (:class:`MapBlocks`, :class:`GradBlocks`); no result depends on it."""
+    if rois.shape[0] == 0:
+        return 0
+    s = float(spatial_scale)
+    span_h = np.clip(np.ceil(np.abs(rois[:, 4] - rois[:, 2]) * s) + 3, 1, height)
+    span_w = np.clip(np.ceil(np.abs(rois[:, 3] - rois[:, 1]) * s) + 3, 1, width)
+    return int(np.sum(span_h * span_w))
+
+
+def _reads_most_of_the_map(cells: int, shape) -> bool:
+    n, _, h, w = shape
+    return cells >= WHOLE_MAP_FRACTION * n * h * w
+
+
+class MapBlocks:
+    """Channels-last blocks of an ``(N, C, H, W)`` map, in the compute dtype.
+
+    When the boxes read most of the map, the whole map is copied channels-last once and
+    blocks are views of it. When few boxes read a large map that copy would cost more
+    than the boxes themselves, so each block is transposed on its own instead.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    cells : int
+        How many map cells the boxes read in all (:func:`cells_read`).
+    """
+
+    def __init__(self, x: np.ndarray, cells: int):
+        self.x = x
+        self.dtype = compute_dtype(x.dtype)
+        self.hwc = channels_last(x) if _reads_most_of_the_map(cells, x.shape) else None
+
+    def block(self, image: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Rows ``r0:r1`` and columns ``c0:c1`` of one image, shape ``(R, S, C)``."""
+        if self.hwc is not None:
+            return self.hwc[image, r0:r1, c0:c1]
+        region = self.x[image, :, r0:r1, c0:c1].transpose(1, 2, 0)
+        return np.ascontiguousarray(region, dtype=self.dtype)
+
+    def take(self, image: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``plane[rows][:, cols]`` of one image (sorted unique indices), ``(R, S, C)``."""
+        r0, c0 = int(rows[0]), int(cols[0])
+        region = self.block(image, r0, int(rows[-1]) + 1, c0, int(cols[-1]) + 1)
+        return take_block(region, rows - r0, cols - c0)
+
+
+class GradBlocks:
+    """An ``(N, C, H, W)`` gradient accumulated from channels-last blocks.
+
+    Like :class:`MapBlocks`: channels-last when the boxes cover most of the map (one
+    transpose at the end), otherwise added straight into the ``(N, C, H, W)`` result, whose
+    untouched pages ``np.zeros`` never even writes. The additions are the same either way.
+    """
+
+    def __init__(self, shape, dtype, cells: int):
+        n, c, h, w = shape
+        self.dtype = compute_dtype(np.dtype(dtype))
+        self.channels_last = _reads_most_of_the_map(cells, shape)
+        self.grad = np.zeros((n, h, w, c) if self.channels_last else (n, c, h, w), dtype=self.dtype)
+
+    def plane(self, image: int) -> np.ndarray:
+        """One image's gradient as a writable ``(H, W, C)`` view."""
+        return self.grad[image] if self.channels_last else self.grad[image].transpose(1, 2, 0)
+
+    def add(self, image: int, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+        """``grad[image][rows][:, cols] += values`` (``(R, S, C)``; unique indices)."""
+        add_block(self.plane(image), rows, cols, values)
+
+    def result(self, dtype) -> np.ndarray:
+        """The gradient, ``(N, C, H, W)`` in ``dtype``."""
+        if self.channels_last:
+            return channels_first(self.grad, dtype)
+        return self.grad.astype(dtype, copy=False)
