@@ -87,9 +87,17 @@ class MapBlocks:
     """
 
     def __init__(self, x: np.ndarray, cells: int):
-        self.x = x
+        self.x, self.shape = x, x.shape
         self.dtype = compute_dtype(x.dtype)
         self.hwc = channels_last(x) if _reads_most_of_the_map(cells, x.shape) else None
+
+    @classmethod
+    def of_channels_last(cls, x_hwc: np.ndarray) -> "MapBlocks":
+        """Blocks of a map already channels-last, ``(N, H, W, C)``, in its own dtype."""
+        blocks = cls.__new__(cls)
+        n, h, w, c = x_hwc.shape
+        blocks.x, blocks.shape, blocks.dtype, blocks.hwc = None, (n, c, h, w), x_hwc.dtype, x_hwc
+        return blocks
 
     def block(self, image: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """Rows ``r0:r1`` and columns ``c0:c1`` of one image, shape ``(R, S, C)``."""
@@ -114,10 +122,19 @@ class GradBlocks:
     """
 
     def __init__(self, shape, dtype, cells: int):
-        n, c, h, w = shape
+        n, c, h, w = self.shape = tuple(shape)
         self.dtype = compute_dtype(np.dtype(dtype))
         self.channels_last = _reads_most_of_the_map(cells, shape)
         self.grad = np.zeros((n, h, w, c) if self.channels_last else (n, c, h, w), dtype=self.dtype)
+
+    @classmethod
+    def channels_last_like(cls, x_hwc: np.ndarray) -> "GradBlocks":
+        """A channels-last gradient for the ``(N, H, W, C)`` map ``x_hwc``, in its dtype."""
+        n, h, w, c = x_hwc.shape
+        grad = cls.__new__(cls)
+        grad.shape, grad.dtype, grad.channels_last = (n, c, h, w), x_hwc.dtype, True
+        grad.grad = np.zeros_like(x_hwc)
+        return grad
 
     def plane(self, image: int) -> np.ndarray:
         """One image's gradient as a writable ``(H, W, C)`` view."""

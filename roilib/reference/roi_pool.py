@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import _validate as v
 from ..geometry import roi_pool_bins
-from ._layout import MapBlocks, channels_first, compute_dtype
+from ._layout import MapBlocks, compute_dtype
 from ._pooling import window_max
 
 
@@ -30,7 +30,10 @@ def _check(input, rois, output_size, spatial_scale):
 
 
 def _pool(input, rois, output_size, spatial_scale, with_arg):
-    """Channels-last maxima ``(K, PH, PW, C)`` and, with ``with_arg``, argmax ``(K, C, PH, PW)``."""
+    """Maxima ``(K, C, PH, PW)`` in the input's dtype and, with ``with_arg``, argmax (same shape).
+
+    Each box's result is written straight into the ``(K, C, PH, PW)`` arrays, so no
+    channels-last copy of the whole output is made."""
     n, c, h, w = input.shape
     dtype = compute_dtype(input.dtype)
     bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, dtype)
@@ -39,18 +42,19 @@ def _pool(input, rois, output_size, spatial_scale, with_arg):
     touches = (r1 > r0) & (c1 > c0)
     cells = int(np.sum(np.where(touches, (r1 - r0) * (c1 - c0), 0)))
     blocks = MapBlocks(input, cells)
-    out = np.zeros((rois.shape[0],) + output_size + (c,), dtype=dtype)
+    out = np.zeros((rois.shape[0], c) + output_size, dtype=input.dtype)
     arg = np.full(out.shape, -1, dtype=np.int64) if with_arg else None
     for k in np.flatnonzero(touches).tolist():
         a, b, e, f = int(r0[k]), int(r1[k]), int(c0[k]), int(c1[k])
         region = blocks.block(int(rois[k, 0]), a, b, e, f)
         row_bins = (bins.hstart[k] - a, bins.hend[k] - a)
         col_bins = (bins.wstart[k] - e, bins.wend[k] - e)
-        out[k], ar, ac, empty = window_max(region, row_bins, col_bins, with_arg)
+        values, ar, ac, empty = window_max(region, row_bins, col_bins, with_arg)
+        out[k] = values.transpose(2, 0, 1)
         if with_arg:
             # torchvision's argmax: the flat index h * W + w in the map, -1 for empty bins
-            arg[k] = np.where(empty[..., None], -1, (ar + a) * w + ac + e)
-    return out, (arg.transpose(0, 3, 1, 2) if with_arg else None)
+            arg[k] = np.where(empty[..., None], -1, (ar + a) * w + ac + e).transpose(2, 0, 1)
+    return out, arg
 
 
 def roi_pool(
@@ -82,8 +86,7 @@ def roi_pool(
     """
     rois, output_size, spatial_scale = _check(input, rois, output_size, spatial_scale)
     out, arg = _pool(input, rois, output_size, spatial_scale, return_argmax)
-    out = channels_first(out, input.dtype)
-    return (out, np.ascontiguousarray(arg)) if return_argmax else out
+    return (out, arg) if return_argmax else out
 
 
 def _check_argmax(argmax, shape, hw: int) -> np.ndarray:
