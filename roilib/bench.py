@@ -62,8 +62,8 @@ SCALING_CASES = (0, 2, 3, 4)
 SCALING_BASE = dict(boxes=256, channels=256, map_hw=(200, 272))
 SCALING_AXES = dict(
     boxes=(16, 64, 256, 1024, 4096),
-    channels=(16, 64, 128, 256, 512),
-    map_hw=((50, 68), (100, 136), (200, 272), (400, 544)),
+    channels=(16, 64, 256, 512),
+    map_hw=((50, 68), (100, 136), (200, 272)),
 )
 
 
@@ -280,6 +280,11 @@ def _scaling_points():
         for value in values:
             point = dict(SCALING_BASE, **{axis: value})
             yield axis, point["boxes"], point["channels"], tuple(point["map_hw"])
+
+
+def scaling_points() -> List[tuple]:
+    """``(axis, boxes, channels, map_hw)`` of every point of ``--scaling``."""
+    return list(_scaling_points())
 
 
 def run_scaling(repeat: int, threads: int) -> List[dict]:
