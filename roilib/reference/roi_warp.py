@@ -27,6 +27,7 @@ import numpy as np
 from .. import _validate as v
 from ..geometry import WARP_FLOOR, WarpAxis, quantize_boxes, warp_axis
 from ._layout import channels_first, channels_last
+from ._pooling import _first_hit
 
 
 class _Taps(NamedTuple):
@@ -93,19 +94,50 @@ def _boxes(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sa
         wly, why = ty.wlo[:, :, None, None, None], ty.whi[:, :, None, None, None]
         wlx, whx = tx.wlo[None, None, :, :, None], tx.whi[None, None, :, :, None]
         # w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4, left to right, as the kernel adds them
-        val = (wly * wlx) * v1 + (wly * whx) * v2 + (why * wlx) * v3 + (why * whx) * v4
-        read = (ty.inside[:, :, None, None] & tx.inside[None, None])[..., None]
-        # a sample must beat -FLT_MAX to win (NaN never does): the rest never compete
-        val = np.where(read & (val > t(WARP_FLOOR)), val, t(-np.inf))
-        ny, nx = ys.grid + 1, xs.grid + 1
-        per_bin = val.transpose(0, 2, 4, 1, 3).reshape(ph, pw, channels, ny * nx)
-        win = per_bin.argmax(axis=-1)  # first maximum in row-major order: a strict '>' loop
-        best = np.take_along_axis(per_bin, win[..., None], axis=-1)[..., 0]
-        won = best > t(-np.inf)
+        val = (wly * wlx) * v1
+        val += (wly * whx) * v2
+        val += (why * wlx) * v3
+        val += (why * whx) * v4
+        # a sample must be read and beat -FLT_MAX to win: NaN never does (fmax drops it),
+        # nor a sample outside the map; a bin whose best is not above -FLT_MAX has none
+        np.fmax(val, t(-np.inf), out=val)
+        read = ty.inside[:, :, None, None] & tx.inside[None, None]
+        if not read.all():
+            val[~read] = -np.inf
+        best, win_y, win_x = _first_max(val)
+        won = best > t(WARP_FLOOR)
         out = np.where(won, best, t(0))
-        win_y = np.where(won, win // nx, -1)
-        win_x = np.where(won, win % nx, -1)
+        win_y[~won] = -1
+        win_x[~won] = -1
         yield _Box(k, image, ys, xs, ty, tx, (v1, v2, v3, v4), win_y, win_x, out)
+
+
+def _first_max(val: np.ndarray):
+    """The largest sample of each bin and where it is, as a C loop with a strict ``>``
+    over the samples in row-major order finds it: the first maximal one.
+
+    ``val`` is ``(PH, ny, PW, nx, C)`` without NaN. Each row of samples is reduced
+    across its columns, then the rows: the first row holding the bin's max, and in it
+    the first column holding it, is the first maximal sample in row-major order. The
+    reductions run over whole ``(PH, PW, C)`` slices, never along a short strided axis.
+
+    Returns
+    -------
+    best : ndarray (PH, PW, C)
+        The winning sample's value (its own sign of zero, too).
+    win_y, win_x : ndarray of int64 (PH, PW, C)
+    """
+    row_best = val.max(axis=3)  # (PH, ny, PW, C)
+    row_arg = _first_hit(val, row_best, 3)
+    best = row_best.max(axis=1)
+    win_y = _first_hit(row_best, best, 1)
+    win_x = np.take_along_axis(row_arg, win_y[:, None], axis=1)[:, 0]
+    zero = best == 0
+    if zero.any():  # max() may return either zero when +0 and -0 tie; the loop keeps the first
+        ph, pw, c = best.shape
+        p, q, ch = np.nonzero(zero)
+        best[zero] = val[p, win_y[zero], q, win_x[zero], ch]
+    return best, win_y, win_x
 
 
 def _winning(box: _Box, field: np.ndarray, axis: int) -> np.ndarray:
