@@ -107,10 +107,20 @@ class MapBlocks:
         return np.ascontiguousarray(region, dtype=self.dtype)
 
     def take(self, image: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """``plane[rows][:, cols]`` of one image (sorted unique indices), ``(R, S, C)``."""
-        r0, c0 = int(rows[0]), int(cols[0])
-        region = self.block(image, r0, int(rows[-1]) + 1, c0, int(cols[-1]) + 1)
-        return take_block(region, rows - r0, cols - c0)
+        """``plane[rows][:, cols]`` of one image (sorted unique indices), ``(R, S, C)``.
+
+        Without the channels-last copy only the listed cells are gathered and
+        transposed: a large box sampled sparsely reads few of the rows it spans.
+        """
+        if self.hwc is not None:
+            return take_block(self.hwc[image], rows, cols)
+        r, c = block(rows), block(cols)
+        plane = self.x[image]
+        if isinstance(r, slice) or isinstance(c, slice):
+            region = plane[:, r][:, :, c]  # a slice first: a view, then one gather
+        else:
+            region = plane[:, r[:, None], c]
+        return np.ascontiguousarray(region.transpose(1, 2, 0), dtype=self.dtype)
 
 
 class GradBlocks:
