@@ -214,6 +214,41 @@ def _worker(spec: dict) -> dict:
     return dict(best=min(times), median=float(np.median(times)), peak_mib=peak, checksum=digest)
 
 
+def measure_here(case: int, backward: bool, boxes: int, channels: int, map_hw, repeat: int = 3, impl: str = "roilib") -> dict:
+    """Time one case in this process: best and median of ``repeat`` calls after a warm-up.
+
+    For a quick look (the book's performance chapter runs it on small sizes); it reads
+    no peak memory and does not pin threads, unlike the worker processes of the tables.
+    """
+    _, op, kwargs = CASES[case]
+    run = _runner(impl, op, kwargs, backward, boxes, channels, map_hw)
+    run()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+        times.append(run.elapsed if getattr(run, "times_itself", False) else elapsed)
+    times.sort()
+    return dict(best=times[0], median=times[len(times) // 2])
+
+
+def quick_scaling(boxes=(4, 16, 64, 256), channels: int = 32, map_hw=(50, 68), cases=SCALING_CASES[:3], repeat: int = 3):
+    """roilib alone over a few numbers of boxes on a small map, in this process: rows in
+    :func:`run_scaling`'s format (axis ``boxes``), for :func:`roilib.plot.scaling_curves`."""
+    rows = []
+    for n in boxes:
+        for case in cases:
+            label, op, _ = CASES[case]
+            for backward in (False, True):
+                rows.append(dict(
+                    axis="boxes", case=label, op=op, pass_="backward" if backward else "forward",
+                    boxes=n, channels=channels, map_hw=list(map_hw),
+                    roilib=measure_here(case, backward, n, channels, map_hw, repeat),
+                ))
+    return rows
+
+
 def _thread_env(threads: int) -> Dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):

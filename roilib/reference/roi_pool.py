@@ -73,7 +73,8 @@ def roi_pool(
     spatial_scale : float
         Feature-map pixels per image pixel (``1 / stride``).
     return_argmax : bool
-        Also return where each max sits, for :func:`roi_pool_backward`'s ``argmax``.
+        Also return where each max sits, for :func:`roi_pool_backward`'s ``argmax``
+        (NumPy arrays; the CUDA backend does not take it yet).
 
     Returns
     -------
@@ -116,7 +117,9 @@ def roi_pool_backward(
         As in :func:`roi_pool`.
     argmax : ndarray of int, shape (K, C, PH, PW), optional
         The forward's argmax (``roi_pool(..., return_argmax=True)``) for these
-        arguments. Saves finding the maxima again; it is trusted, not re-derived.
+        arguments. Saves finding the maxima again; it is trusted, not re-derived
+        (only its shape, dtype and range are checked). NumPy arrays; the CUDA backend
+        does not take it yet.
 
     Returns
     -------
