@@ -116,10 +116,12 @@ class MapBlocks:
             return take_block(self.hwc[image], rows, cols)
         r, c = block(rows), block(cols)
         plane = self.x[image]
-        if isinstance(r, slice) or isinstance(c, slice):
-            region = plane[:, r][:, :, c]  # a slice first: a view, then one gather
+        if isinstance(r, slice) and isinstance(c, slice):
+            region = plane[:, r, c]
+        elif isinstance(r, slice):
+            region = plane[:, r][:, :, cols]  # a view of the rows, then one gather
         else:
-            region = plane[:, r[:, None], c]
+            region = plane[:, rows[:, None], cols]  # never copies whole rows of the map
         return np.ascontiguousarray(region.transpose(1, 2, 0), dtype=self.dtype)
 
 
