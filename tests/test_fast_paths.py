@@ -91,9 +91,11 @@ def test_block_and_whole_map_layouts_agree_bitwise(rng, monkeypatch, dtype):
     rois = random_boxes(rng, 9, 2, 14, 17, 0.5, margin=2)
     g = rng.standard_normal((9, 6, 3, 4)).astype(dtype)
     g_spp = rng.standard_normal((2, 6 * 14)).astype(dtype)
-    monkeypatch.setattr(_layout, "WHOLE_MAP_FRACTION", 0.0)  # always copy the whole map
+    for name in ("WHOLE_MAP_FRACTION", "GRAD_WHOLE_MAP_FRACTION"):
+        monkeypatch.setattr(_layout, name, 0.0)  # always copy the whole map
     whole = _every_op(x, rois, g, g_spp)
-    monkeypatch.setattr(_layout, "WHOLE_MAP_FRACTION", float("inf"))  # always per block
+    for name in ("WHOLE_MAP_FRACTION", "GRAD_WHOLE_MAP_FRACTION"):
+        monkeypatch.setattr(_layout, name, float("inf"))  # always block by block
     blocks = _every_op(x, rois, g, g_spp)
     for a, b in zip(whole, blocks):
         assert a.dtype == b.dtype

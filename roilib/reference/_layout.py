@@ -50,9 +50,13 @@ def add_block(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.
     plane[_block_index(rows, cols)] += values
 
 
-#: boxes reading fewer map cells than this fraction of the map are read block by block
-#: (each block transposed on its own) instead of copying the whole map channels-last
-WHOLE_MAP_FRACTION = 0.5
+#: boxes reading fewer map cells than this many maps' worth are read block by block
+#: (each block gathered and transposed on its own) instead of copying the whole map
+#: channels-last; measured on the benchmark's map, the two cost the same near 3
+WHOLE_MAP_FRACTION = 3.0
+#: the same choice for a gradient: adding blocks straight into ``(N, C, H, W)`` is
+#: strided, but it saves zeroing and transposing a channels-last copy; even near 6
+GRAD_WHOLE_MAP_FRACTION = 6.0
 
 
 def cells_read(rois: np.ndarray, spatial_scale: float, height: int, width: int) -> int:
@@ -67,9 +71,9 @@ def cells_read(rois: np.ndarray, spatial_scale: float, height: int, width: int) 
     return int(np.sum(span_h * span_w))
 
 
-def _reads_most_of_the_map(cells: int, shape) -> bool:
+def _reads_most_of_the_map(cells: int, shape, fraction=None) -> bool:
     n, _, h, w = shape
-    return cells >= WHOLE_MAP_FRACTION * n * h * w
+    return cells >= (WHOLE_MAP_FRACTION if fraction is None else fraction) * n * h * w
 
 
 class MapBlocks:
@@ -136,7 +140,7 @@ class GradBlocks:
     def __init__(self, shape, dtype, cells: int):
         n, c, h, w = self.shape = tuple(shape)
         self.dtype = compute_dtype(np.dtype(dtype))
-        self.channels_last = _reads_most_of_the_map(cells, shape)
+        self.channels_last = _reads_most_of_the_map(cells, shape, GRAD_WHOLE_MAP_FRACTION)
         self.grad = np.zeros((n, h, w, c) if self.channels_last else (n, c, h, w), dtype=self.dtype)
 
     @classmethod
