@@ -863,9 +863,15 @@ def scaling_curves(axes, rows: Sequence[dict], value: str = "ratio", fontsize: f
                     label=f"{case}, {pass_}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         if value == "ratio":
             ax.axhline(1.0, color="black", lw=1)
             ax.axhline(0.5, color="black", lw=1, ls=":")
+            lo, hi = ax.get_ylim()
+            ax.set_yticks([t for t in 2.0 ** np.arange(-4, 7) if lo <= t <= hi])
         ax.set_xlabel(titles.get(name, name), fontsize=fontsize)
         ax.tick_params(labelsize=fontsize)
     axes[0].set_ylabel("roilib / torchvision time" if value == "ratio" else "roilib time (ms)", fontsize=fontsize)
