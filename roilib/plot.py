@@ -1058,3 +1058,59 @@ def ps_channel_groups(ax, roi: Sequence[float], output_size, spatial_scale: floa
     exact = geometry.scale_boxes(roi, spatial_scale)[0]
     rectangle(ax, *exact, edgecolor=COLORS["box"], ls="--", lw=1.8)
     return channels
+
+
+#: one colour per benchmarked op in :func:`scaling_curves` (the RoI ops keep theirs)
+_BENCH_COLORS = {"roi_align": "RoIAlign", "roi_pool": "RoIPool", "roi_warp": "RoIWarp"}
+
+
+def scaling_curves(axes, rows: Sequence[dict], value: str = "ratio", fontsize: float = FONT_SIZE):
+    """How each op's cost grows: one panel per swept axis of ``python -m roilib.bench --scaling``.
+
+    Parameters
+    ----------
+    axes : sequence of matplotlib Axes
+        One per axis of the sweep, in the order the rows first name them
+        (``boxes``, ``channels``, ``map_hw``).
+    rows : sequence of dict
+        The rows of :func:`roilib.bench.run_scaling` (``--json``): ``axis``, ``op``,
+        ``case``, ``pass_``, the swept values, and ``roilib`` / ``torchvision`` timings.
+    value : {"ratio", "ms"}
+        Plot roilib's time over torchvision's, or roilib's time in milliseconds.
+    fontsize : float
+    """
+    names = list(dict.fromkeys(row["axis"] for row in rows))
+    titles = dict(boxes="number of boxes", channels="channels", map_hw="map cells (H x W)")
+    for ax, name in zip(axes, names):
+        curves = {}
+        for row in rows:
+            if row["axis"] != name or not row.get("roilib"):
+                continue
+            x = float(np.prod(row["map_hw"])) if name == "map_hw" else float(row[name])
+            if value == "ratio":
+                if not row.get("torchvision"):
+                    continue
+                y = row["roilib"]["best"] / row["torchvision"]["best"]
+            else:
+                y = row["roilib"]["best"] * 1e3
+            curves.setdefault((row["case"], row["op"], row["pass_"]), []).append((x, y))
+        for (case, op, pass_), points in curves.items():
+            points.sort()
+            color = method_color(_BENCH_COLORS[op]) if op in _BENCH_COLORS else COLORS["grid"]
+            ax.plot(*zip(*points), marker="o", color=color, ls="-" if pass_ == "forward" else "--",
+                    label=f"{case}, {pass_}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        if value == "ratio":
+            ax.axhline(1.0, color="black", lw=1)
+            ax.axhline(0.5, color="black", lw=1, ls=":")
+            lo, hi = ax.get_ylim()
+            ax.set_yticks([t for t in 2.0 ** np.arange(-4, 7) if lo <= t <= hi])
+        ax.set_xlabel(titles.get(name, name), fontsize=fontsize)
+        ax.tick_params(labelsize=fontsize)
+    axes[0].set_ylabel("roilib / torchvision time" if value == "ratio" else "roilib time (ms)", fontsize=fontsize)
+    return axes

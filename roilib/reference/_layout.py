@@ -48,3 +48,120 @@ def take_block(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndar
 def add_block(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
     """``plane[rows][:, cols] += values`` in place (rows and cols are unique)."""
     plane[_block_index(rows, cols)] += values
+
+
+#: boxes reading fewer map cells than this many maps' worth are read block by block
+#: (each block gathered and transposed on its own) instead of copying the whole map
+#: channels-last; measured on the benchmark's map, the two cost the same near 3
+WHOLE_MAP_FRACTION = 3.0
+#: the same choice for a gradient: adding blocks straight into ``(N, C, H, W)`` is
+#: strided, but it saves zeroing and transposing a channels-last copy; even near 6
+GRAD_WHOLE_MAP_FRACTION = 6.0
+
+
+def cells_read(rois: np.ndarray, spatial_scale: float, height: int, width: int) -> int:
+    """An upper estimate of the map cells the boxes read: each box's scaled extent plus a
+    cell of bilinear reach on every side, clipped to the map. It only chooses a layout
+    (:class:`MapBlocks`, :class:`GradBlocks`); no result depends on it."""
+    if rois.shape[0] == 0:
+        return 0
+    s = float(spatial_scale)
+    span_h = np.clip(np.ceil(np.abs(rois[:, 4] - rois[:, 2]) * s) + 3, 1, height)
+    span_w = np.clip(np.ceil(np.abs(rois[:, 3] - rois[:, 1]) * s) + 3, 1, width)
+    return int(np.sum(span_h * span_w))
+
+
+def _reads_most_of_the_map(cells: int, shape, fraction=None) -> bool:
+    n, _, h, w = shape
+    return cells >= (WHOLE_MAP_FRACTION if fraction is None else fraction) * n * h * w
+
+
+class MapBlocks:
+    """Channels-last blocks of an ``(N, C, H, W)`` map, in the compute dtype.
+
+    When the boxes read most of the map, the whole map is copied channels-last once and
+    blocks are views of it. When few boxes read a large map that copy would cost more
+    than the boxes themselves, so each block is transposed on its own instead.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    cells : int
+        How many map cells the boxes read in all (:func:`cells_read`).
+    """
+
+    def __init__(self, x: np.ndarray, cells: int):
+        self.x, self.shape = x, x.shape
+        self.dtype = compute_dtype(x.dtype)
+        self.hwc = channels_last(x) if _reads_most_of_the_map(cells, x.shape) else None
+
+    @classmethod
+    def of_channels_last(cls, x_hwc: np.ndarray) -> "MapBlocks":
+        """Blocks of a map already channels-last, ``(N, H, W, C)``, in its own dtype."""
+        blocks = cls.__new__(cls)
+        n, h, w, c = x_hwc.shape
+        blocks.x, blocks.shape, blocks.dtype, blocks.hwc = None, (n, c, h, w), x_hwc.dtype, x_hwc
+        return blocks
+
+    def block(self, image: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Rows ``r0:r1`` and columns ``c0:c1`` of one image, shape ``(R, S, C)``."""
+        if self.hwc is not None:
+            return self.hwc[image, r0:r1, c0:c1]
+        region = self.x[image, :, r0:r1, c0:c1].transpose(1, 2, 0)
+        return np.ascontiguousarray(region, dtype=self.dtype)
+
+    def take(self, image: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``plane[rows][:, cols]`` of one image (sorted unique indices), ``(R, S, C)``.
+
+        Without the channels-last copy only the listed cells are gathered and
+        transposed: a large box sampled sparsely reads few of the rows it spans.
+        """
+        if self.hwc is not None:
+            return take_block(self.hwc[image], rows, cols)
+        r, c = block(rows), block(cols)
+        plane = self.x[image]
+        if isinstance(r, slice) and isinstance(c, slice):
+            region = plane[:, r, c]
+        elif isinstance(r, slice):
+            region = plane[:, r][:, :, cols]  # a view of the rows, then one gather
+        else:
+            region = plane[:, rows[:, None], cols]  # never copies whole rows of the map
+        return np.ascontiguousarray(region.transpose(1, 2, 0), dtype=self.dtype)
+
+
+class GradBlocks:
+    """An ``(N, C, H, W)`` gradient accumulated from channels-last blocks.
+
+    Like :class:`MapBlocks`: channels-last when the boxes cover most of the map (one
+    transpose at the end), otherwise added straight into the ``(N, C, H, W)`` result, whose
+    untouched pages ``np.zeros`` never even writes. The additions are the same either way.
+    """
+
+    def __init__(self, shape, dtype, cells: int):
+        n, c, h, w = self.shape = tuple(shape)
+        self.dtype = compute_dtype(np.dtype(dtype))
+        self.channels_last = _reads_most_of_the_map(cells, shape, GRAD_WHOLE_MAP_FRACTION)
+        self.grad = np.zeros((n, h, w, c) if self.channels_last else (n, c, h, w), dtype=self.dtype)
+
+    @classmethod
+    def channels_last_like(cls, x_hwc: np.ndarray) -> "GradBlocks":
+        """A channels-last gradient for the ``(N, H, W, C)`` map ``x_hwc``, in its dtype."""
+        n, h, w, c = x_hwc.shape
+        grad = cls.__new__(cls)
+        grad.shape, grad.dtype, grad.channels_last = (n, c, h, w), x_hwc.dtype, True
+        grad.grad = np.zeros_like(x_hwc)
+        return grad
+
+    def plane(self, image: int) -> np.ndarray:
+        """One image's gradient as a writable ``(H, W, C)`` view."""
+        return self.grad[image] if self.channels_last else self.grad[image].transpose(1, 2, 0)
+
+    def add(self, image: int, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+        """``grad[image][rows][:, cols] += values`` (``(R, S, C)``; unique indices)."""
+        add_block(self.plane(image), rows, cols, values)
+
+    def result(self, dtype) -> np.ndarray:
+        """The gradient, ``(N, C, H, W)`` in ``dtype``."""
+        if self.channels_last:
+            return channels_first(self.grad, dtype)
+        return self.grad.astype(dtype, copy=False)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import _validate as v
 from ..geometry import AlignBoxes, box_axis_samples, interpolation_matrix, roi_align_boxes
-from ._layout import add_block, channels_first, channels_last, take_block
+from ._layout import GradBlocks, MapBlocks, cells_read, channels_last
 
 
 class _BoxSampling:
@@ -98,42 +98,71 @@ def _check(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mod
     )
 
 
-def _boxes(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, slopes=False):
-    """Yield ``(k, image, sampling, geometry)`` for every box that touches the map."""
-    _, h, w, _ = x_hwc.shape
-    (ph, pw), dtype = output_size, x_hwc.dtype
+def _sampled(height, width, dtype, rois, output_size, spatial_scale, sampling_ratio, aligned, slopes=False):
+    """Yield ``(k, image, sampling, geometry)`` for every box that touches a
+    ``height x width`` map, computing in ``dtype``."""
+    ph, pw = output_size
     geo = roi_align_boxes(rois, output_size, spatial_scale, sampling_ratio, aligned, dtype)
-    ys = box_axis_samples(geo.start_y, geo.bin_h, geo.grid_h, ph, h, dtype)
-    xs = box_axis_samples(geo.start_x, geo.bin_w, geo.grid_w, pw, w, dtype)
+    ys = box_axis_samples(geo.start_y, geo.bin_h, geo.grid_h, ph, height, dtype)
+    xs = box_axis_samples(geo.start_x, geo.bin_w, geo.grid_w, pw, width, dtype)
     count = geo.count
     for k in range(rois.shape[0]):
-        box = _BoxSampling(ys[k], xs[k], count[k], output_size, h, w, slopes)
+        box = _BoxSampling(ys[k], xs[k], count[k], output_size, height, width, slopes)
         if not box.empty:
             yield k, int(rois[k, 0]), box, geo
 
 
-def _forward(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
-    out = np.zeros((rois.shape[0],) + output_size + (x.shape[3],), dtype=x.dtype)
-    for k, image, box, _ in _boxes(x, rois, output_size, spatial_scale, sampling_ratio, aligned):
-        block = take_block(x[image], box.rows, box.cols)
+def _boxes(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, slopes=False):
+    """:func:`_sampled` for a channels-last map ``x_hwc`` (its shape and dtype)."""
+    _, h, w, _ = x_hwc.shape
+    return _sampled(h, w, x_hwc.dtype, rois, output_size, spatial_scale, sampling_ratio, aligned, slopes)
+
+
+def _forward_blocks(x: MapBlocks, rois, output_size, spatial_scale, sampling_ratio, aligned, mode, out=None):
+    """The output read from ``x``'s blocks: written into ``out`` (``(K, C, PH, PW)``, box by
+    box, so no channels-last copy of the whole output is made) or, without ``out``,
+    returned channels-last ``(K, PH, PW, C)`` in the compute dtype."""
+    _, c, h, w = x.shape
+    last = out is None
+    if last:
+        out = np.zeros((rois.shape[0],) + output_size + (c,), dtype=x.dtype)
+    for k, image, box, _ in _sampled(h, w, x.dtype, rois, output_size, spatial_scale, sampling_ratio, aligned):
+        block = x.take(image, box.rows, box.cols)
         if mode == "avg":
-            out[k] = box.samples(block, box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1)) / box.count
+            value = box.samples(block, box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1)) / box.count
         else:
             win, per_bin = box.winners(box.samples(block))
-            out[k] = np.take_along_axis(per_bin, win[..., None], axis=-1)[..., 0]
+            value = np.take_along_axis(per_bin, win[..., None], axis=-1)[..., 0]
+        out[k] = value if last else value.transpose(2, 0, 1)
     return out
 
 
-def _backward(g, x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
-    grad = np.zeros_like(x)
-    for k, image, box, _ in _boxes(x, rois, output_size, spatial_scale, sampling_ratio, aligned):
+def _backward_blocks(g, x, grad: GradBlocks, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
+    """Add the input gradient into ``grad``; ``g`` is channels-last, ``x`` (a
+    :class:`MapBlocks`) is read only in ``max`` mode (``avg`` is linear)."""
+    _, _, h, w = grad.shape
+    for k, image, box, _ in _sampled(h, w, grad.dtype, rois, output_size, spatial_scale, sampling_ratio, aligned):
         if mode == "avg":
             part = box.samples_adjoint(g[k] / box.count, box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1))
         else:
-            win, _ = box.winners(box.samples(take_block(x[image], box.rows, box.cols)))
+            win, _ = box.winners(box.samples(x.take(image, box.rows, box.cols)))
             part = box.samples_adjoint(box.winner_mask(g[k], win))
-        add_block(grad[image], box.rows, box.cols, part)
+        grad.add(image, box.rows, box.cols, part)
     return grad
+
+
+def _forward(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
+    """Forward on a channels-last map ``(N, H, W, C)``; output ``(K, PH, PW, C)``."""
+    x = MapBlocks.of_channels_last(x_hwc)
+    return _forward_blocks(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode)
+
+
+def _backward(g, x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
+    """Input gradient on a channels-last map ``(N, H, W, C)``, channels-last."""
+    x = MapBlocks.of_channels_last(x_hwc)
+    grad = GradBlocks.channels_last_like(x_hwc)
+    _backward_blocks(g, x, grad, rois, output_size, spatial_scale, sampling_ratio, aligned, mode)
+    return grad.grad
 
 
 def roi_align(
@@ -171,9 +200,9 @@ def roi_align(
     rois, output_size, spatial_scale, sampling_ratio, aligned, mode = _check(
         input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode
     )
-    x = channels_last(input)
-    out = _forward(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode)
-    return channels_first(out, input.dtype)
+    x = MapBlocks(input, cells_read(rois, spatial_scale, *input.shape[2:]))
+    out = np.zeros((rois.shape[0], input.shape[1]) + output_size, dtype=input.dtype)
+    return _forward_blocks(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode, out)
 
 
 def roi_align_backward(
@@ -206,9 +235,12 @@ def roi_align_backward(
         input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode
     )
     v.check_grad_output(grad_output, (rois.shape[0], input.shape[1]) + output_size, input)
-    x = channels_last(input)
-    grad = _backward(channels_last(grad_output), x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode)
-    return channels_first(grad, input.dtype)
+    g = channels_last(grad_output)
+    cells = cells_read(rois, spatial_scale, *input.shape[2:])
+    grad = GradBlocks(input.shape, input.dtype, cells)
+    x = MapBlocks(input, cells) if mode == "max" else None  # avg never reads the map
+    _backward_blocks(g, x, grad, rois, output_size, spatial_scale, sampling_ratio, aligned, mode)
+    return grad.result(input.dtype)
 
 
 def roi_align_rois_backward(
@@ -253,11 +285,13 @@ def roi_align_rois_backward(
         input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode
     )
     v.check_grad_output(grad_output, (rois.shape[0], input.shape[1]) + output_size, input)
-    x = channels_last(input)
+    x = MapBlocks(input, cells_read(rois, spatial_scale, *input.shape[2:]))
     g = channels_last(grad_output)
     grad = np.zeros((rois.shape[0], 5), dtype=x.dtype)
-    for k, image, box, geo in _boxes(x, rois, output_size, spatial_scale, sampling_ratio, aligned, slopes=True):
-        block = np.ascontiguousarray(take_block(x[image], box.rows, box.cols))
+    h, w = input.shape[2:]
+    boxes = _sampled(h, w, x.dtype, rois, output_size, spatial_scale, sampling_ratio, aligned, slopes=True)
+    for k, image, box, geo in boxes:
+        block = np.ascontiguousarray(x.take(image, box.rows, box.cols))
         if mode == "avg":
             ay, ax = box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1)
             gk = g[k] / box.count

@@ -1,7 +1,10 @@
 """RoIPool (Fast R-CNN): max over integer bins of a C-rounded box.
 
 Geometry comes from :func:`roilib.geometry.roi_pool_bins`; the max and its tie rule
-from :func:`._pooling.window_max`.
+from :func:`._pooling.window_max`. The forward can return where each max came from
+(``return_argmax=True``, torchvision's format); the backward accepts it back
+(``argmax=``) and then only scatters, as torchvision's backward does with the argmax
+its forward saved. Without it the backward finds the maxima again.
 """
 from __future__ import annotations
 
@@ -9,8 +12,12 @@ import numpy as np
 
 from .. import _validate as v
 from ..geometry import roi_pool_bins
-from ._layout import channels_first, channels_last
+from ._layout import MapBlocks, compute_dtype
 from ._pooling import window_max
+
+
+#: outputs scattered per step of the backward (an index array of 2 MiB)
+_CHUNK = 1 << 18
 
 
 def _check(input, rois, output_size, spatial_scale):
@@ -22,22 +29,37 @@ def _check(input, rois, output_size, spatial_scale):
     )
 
 
-def _pool_boxes(x_hwc, rois, output_size, spatial_scale, with_arg=False):
-    """Yield ``(k, image, row0, col0, values, arg_row, arg_col, empty)`` per box touching the map."""
-    _, h, w, _ = x_hwc.shape
-    bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, x_hwc.dtype)
-    for k in range(rois.shape[0]):
-        hs, he, ws, we = bins.hstart[k], bins.hend[k], bins.wstart[k], bins.wend[k]
-        r0, r1, c0, c1 = hs.min(), he.max(), ws.min(), we.max()
-        if r1 <= r0 or c1 <= c0:
-            continue
-        image = int(rois[k, 0])
-        region = x_hwc[image, r0:r1, c0:c1]
-        values, ar, ac, empty = window_max(region, (hs - r0, he - r0), (ws - c0, we - c0), with_arg)
-        yield k, image, r0, c0, values, ar, ac, empty
+def _pool(input, rois, output_size, spatial_scale, with_arg):
+    """Maxima ``(K, C, PH, PW)`` in the input's dtype and, with ``with_arg``, argmax (same shape).
+
+    Each box's result is written straight into the ``(K, C, PH, PW)`` arrays, so no
+    channels-last copy of the whole output is made."""
+    n, c, h, w = input.shape
+    dtype = compute_dtype(input.dtype)
+    bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, dtype)
+    r0, r1 = bins.hstart.min(axis=1, initial=h), bins.hend.max(axis=1, initial=0)
+    c0, c1 = bins.wstart.min(axis=1, initial=w), bins.wend.max(axis=1, initial=0)
+    touches = (r1 > r0) & (c1 > c0)
+    cells = int(np.sum(np.where(touches, (r1 - r0) * (c1 - c0), 0)))
+    blocks = MapBlocks(input, cells)
+    out = np.zeros((rois.shape[0], c) + output_size, dtype=input.dtype)
+    arg = np.full(out.shape, -1, dtype=np.int64) if with_arg else None
+    for k in np.flatnonzero(touches).tolist():
+        a, b, e, f = int(r0[k]), int(r1[k]), int(c0[k]), int(c1[k])
+        region = blocks.block(int(rois[k, 0]), a, b, e, f)
+        row_bins = (bins.hstart[k] - a, bins.hend[k] - a)
+        col_bins = (bins.wstart[k] - e, bins.wend[k] - e)
+        values, ar, ac, empty = window_max(region, row_bins, col_bins, with_arg)
+        out[k] = values.transpose(2, 0, 1)
+        if with_arg:
+            # torchvision's argmax: the flat index h * W + w in the map, -1 for empty bins
+            arg[k] = np.where(empty[..., None], -1, (ar + a) * w + ac + e).transpose(2, 0, 1)
+    return out, arg
 
 
-def roi_pool(input: np.ndarray, rois, output_size, spatial_scale: float = 1.0) -> np.ndarray:
+def roi_pool(
+    input: np.ndarray, rois, output_size, spatial_scale: float = 1.0, return_argmax: bool = False
+):
     """RoIPool forward.
 
     Parameters
@@ -50,45 +72,85 @@ def roi_pool(input: np.ndarray, rois, output_size, spatial_scale: float = 1.0) -
         ``(PH, PW)``.
     spatial_scale : float
         Feature-map pixels per image pixel (``1 / stride``).
+    return_argmax : bool
+        Also return where each max sits, for :func:`roi_pool_backward`'s ``argmax``
+        (NumPy arrays; the CUDA backend does not take it yet).
 
     Returns
     -------
     ndarray, shape (K, C, PH, PW)
         Max of each bin (0 for empty bins), in the input's dtype.
+    argmax : ndarray of int64, shape (K, C, PH, PW)
+        Only with ``return_argmax``: the flat index ``h * W + w`` of each max in its
+        image's map (the first in row-major order on ties), -1 for an empty bin; the
+        layout of torchvision's ``roi_pool`` argmax.
     """
     rois, output_size, spatial_scale = _check(input, rois, output_size, spatial_scale)
-    x = channels_last(input)
-    out = np.zeros((rois.shape[0],) + output_size + (x.shape[3],), dtype=x.dtype)
-    for k, _, _, _, values, _, _, _ in _pool_boxes(x, rois, output_size, spatial_scale):
-        out[k] = values
-    return channels_first(out, input.dtype)
+    out, arg = _pool(input, rois, output_size, spatial_scale, return_argmax)
+    return (out, arg) if return_argmax else out
 
 
-def roi_pool_backward(grad_output: np.ndarray, input: np.ndarray, rois, output_size, spatial_scale: float = 1.0) -> np.ndarray:
+def _check_argmax(argmax, shape, hw: int) -> np.ndarray:
+    if not isinstance(argmax, np.ndarray) or argmax.dtype.kind not in "iu":
+        raise TypeError(f"argmax must be an integer NumPy array from roi_pool(..., return_argmax=True), got {type(argmax).__name__}")
+    if argmax.shape != shape:
+        raise ValueError(f"argmax must have shape {shape} (the forward's output), got {argmax.shape}")
+    if argmax.size and (argmax.min() < -1 or argmax.max() >= hw):
+        raise ValueError(f"argmax entries must be -1 or a flat index into the H*W = {hw} map")
+    return argmax
+
+
+def roi_pool_backward(
+    grad_output: np.ndarray, input: np.ndarray, rois, output_size, spatial_scale: float = 1.0, argmax=None
+) -> np.ndarray:
     """Gradient of :func:`roi_pool` with respect to ``input``.
 
     Each output's gradient goes to the pixel its max came from (the first such pixel in
-    row-major order on ties); empty bins route nothing. Contributions are added in box
-    order, so the result is deterministic.
+    row-major order on ties); empty bins route nothing. Contributions are added in the
+    order box, channel, bin (torchvision's loop order), so the result is deterministic
+    and bitwise the same with or without ``argmax``.
 
     Parameters
     ----------
     grad_output : ndarray, shape (K, C, PH, PW)
     input, rois, output_size, spatial_scale
         As in :func:`roi_pool`.
+    argmax : ndarray of int, shape (K, C, PH, PW), optional
+        The forward's argmax (``roi_pool(..., return_argmax=True)``) for these
+        arguments. Saves finding the maxima again; it is trusted, not re-derived
+        (only its shape, dtype and range are checked). NumPy arrays; the CUDA backend
+        does not take it yet.
 
     Returns
     -------
     ndarray, shape (N, C, H, W)
     """
     rois, output_size, spatial_scale = _check(input, rois, output_size, spatial_scale)
-    v.check_grad_output(grad_output, (rois.shape[0], input.shape[1]) + output_size, input)
-    x = channels_last(input)
-    n, h, w, c = x.shape
-    g = channels_last(grad_output)
-    grad = np.zeros(x.size, dtype=x.dtype)
-    ch = np.arange(c)
-    for k, image, r0, c0, _, ar, ac, empty in _pool_boxes(x, rois, output_size, spatial_scale, with_arg=True):
-        flat = ((image * h + r0 + ar[~empty]) * w + c0 + ac[~empty]) * c + ch
-        np.add.at(grad, flat.ravel(), g[k][~empty].ravel())
-    return channels_first(grad.reshape(x.shape), input.dtype)
+    out_shape = (rois.shape[0], input.shape[1]) + output_size
+    v.check_grad_output(grad_output, out_shape, input)
+    n, c, h, w = input.shape
+    if argmax is None:
+        _, argmax = _pool(input, rois, output_size, spatial_scale, with_arg=True)
+    else:
+        argmax = _check_argmax(argmax, out_shape, h * w)
+    dtype = compute_dtype(input.dtype)
+    grad = np.zeros(input.size, dtype=dtype)
+    # flat NCHW index of each output's pixel: (image * C + channel) * H*W + argmax
+    planes = (rois[:, 0].astype(np.int64)[:, None] * c + np.arange(c)[None, :]) * (h * w)
+    routes_all = argmax.size == 0 or argmax.min() >= 0  # else empty bins route nothing
+    # A pixel of one channel receives its adds in box order, then bin order, whatever
+    # the channels do; so the scatter may go channel by channel (a few at a time), which
+    # keeps the written planes and the index array in cache, and stays exact.
+    step = max(1, _CHUNK // max(1, argmax.size // max(c, 1)))
+    arg_c = argmax.transpose(1, 0, 2, 3)
+    values = grad_output.astype(dtype, copy=False).transpose(1, 0, 2, 3)
+    planes_c = planes.T[:, :, None, None]
+    for c0 in range(0, c, step):
+        flat = arg_c[c0 : c0 + step] + planes_c[c0 : c0 + step]
+        part = values[c0 : c0 + step]
+        if not routes_all:
+            routed = arg_c[c0 : c0 + step] >= 0
+            flat, part = flat[routed], part[routed]
+        # add.at adds repeated indices one by one in array order (box, then bin)
+        np.add.at(grad, flat.ravel(), part.ravel())
+    return grad.reshape(input.shape).astype(input.dtype, copy=False)

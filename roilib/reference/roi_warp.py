@@ -26,7 +26,8 @@ import numpy as np
 
 from .. import _validate as v
 from ..geometry import WARP_FLOOR, WarpAxis, quantize_boxes, warp_axis
-from ._layout import channels_first, channels_last
+from ._layout import MapBlocks, cells_read, channels_first, channels_last
+from ._pooling import _first_hit
 
 
 class _Taps(NamedTuple):
@@ -71,10 +72,13 @@ class _Box(NamedTuple):
     out: np.ndarray  # (PH, PW, C)
 
 
-def _boxes(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sampling_ratio) -> Iterator[_Box]:
-    """Evaluate every box on the channels-last map ``x``; ``corners`` are ``(K, 4)``
-    ``[x1, y1, x2, y2]`` on the map (rounded by the public functions)."""
-    _, height, width, channels = x.shape
+def _boxes(x, rois: np.ndarray, corners: np.ndarray, output_size, sampling_ratio) -> Iterator[_Box]:
+    """Evaluate every box on the map ``x`` (a :class:`MapBlocks`, or a channels-last
+    ``(N, H, W, C)`` array); ``corners`` are ``(K, 4)`` ``[x1, y1, x2, y2]`` on the map
+    (rounded by the public functions)."""
+    if isinstance(x, np.ndarray):
+        x = MapBlocks.of_channels_last(x)
+    _, channels, height, width = x.shape
     ph, pw = output_size
     dtype = x.dtype
     t = dtype.type
@@ -85,27 +89,79 @@ def _boxes(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sa
         xs = warp_axis(x1, x2, pw, sampling_ratio, dtype)
         ty = _taps(ys.coord, height, ys.present)
         tx = _taps(xs.coord, width, xs.present)
-        plane = x[image]
-        rows_lo, rows_hi = ty.lo[:, :, None, None], ty.hi[:, :, None, None]
-        cols_lo, cols_hi = tx.lo[None, None], tx.hi[None, None]
-        v1, v2 = plane[rows_lo, cols_lo], plane[rows_lo, cols_hi]
-        v3, v4 = plane[rows_hi, cols_lo], plane[rows_hi, cols_hi]
+        # the four corners of every sample, (PH, ny, PW, nx, C) each: np.take of flat
+        # pixel indices gathers whole channel vectors faster than two index arrays
+        plane, (r0, c0), stride = _plane(x, image, ty, tx)
+        clip_y, clip_x = plane.shape[0] // stride - 1, stride - 1
+        # samples that are not read may point anywhere: clipped into the block, their
+        # values are never used
+        lo_y, hi_y = (np.clip(a - r0, 0, clip_y) * stride for a in (ty.lo, ty.hi))
+        lo_x, hi_x = (np.clip(a - c0, 0, clip_x) for a in (tx.lo, tx.hi))
+        rows_lo, rows_hi = lo_y[:, :, None, None], hi_y[:, :, None, None]
+        cols_lo, cols_hi = lo_x[None, None], hi_x[None, None]
+        v1, v2 = np.take(plane, rows_lo + cols_lo, axis=0), np.take(plane, rows_lo + cols_hi, axis=0)
+        v3, v4 = np.take(plane, rows_hi + cols_lo, axis=0), np.take(plane, rows_hi + cols_hi, axis=0)
         wly, why = ty.wlo[:, :, None, None, None], ty.whi[:, :, None, None, None]
         wlx, whx = tx.wlo[None, None, :, :, None], tx.whi[None, None, :, :, None]
         # w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4, left to right, as the kernel adds them
-        val = (wly * wlx) * v1 + (wly * whx) * v2 + (why * wlx) * v3 + (why * whx) * v4
-        read = (ty.inside[:, :, None, None] & tx.inside[None, None])[..., None]
-        # a sample must beat -FLT_MAX to win (NaN never does): the rest never compete
-        val = np.where(read & (val > t(WARP_FLOOR)), val, t(-np.inf))
-        ny, nx = ys.grid + 1, xs.grid + 1
-        per_bin = val.transpose(0, 2, 4, 1, 3).reshape(ph, pw, channels, ny * nx)
-        win = per_bin.argmax(axis=-1)  # first maximum in row-major order: a strict '>' loop
-        best = np.take_along_axis(per_bin, win[..., None], axis=-1)[..., 0]
-        won = best > t(-np.inf)
+        val = (wly * wlx) * v1
+        val += (wly * whx) * v2
+        val += (why * wlx) * v3
+        val += (why * whx) * v4
+        # a sample must be read and beat -FLT_MAX to win: NaN never does (fmax drops it),
+        # nor a sample outside the map; a bin whose best is not above -FLT_MAX has none
+        np.fmax(val, t(-np.inf), out=val)
+        read = ty.inside[:, :, None, None] & tx.inside[None, None]
+        if not read.all():
+            val[~read] = -np.inf
+        best, win_y, win_x = _first_max(val)
+        won = best > t(WARP_FLOOR)
         out = np.where(won, best, t(0))
-        win_y = np.where(won, win // nx, -1)
-        win_x = np.where(won, win % nx, -1)
+        win_y[~won] = -1
+        win_x[~won] = -1
         yield _Box(k, image, ys, xs, ty, tx, (v1, v2, v3, v4), win_y, win_x, out)
+
+
+def _plane(x: MapBlocks, image: int, ty: _Taps, tx: _Taps):
+    """The pixels a box reads as a ``(pixels, C)`` array, the map position of its first
+    pixel, and its row stride: the whole image when the map is channels-last already,
+    else just the block the box's read samples touch."""
+    _, channels, height, width = x.shape
+    if x.hwc is not None:
+        return x.hwc[image].reshape(height * width, channels), (0, 0), width
+    if not (ty.inside.any() and tx.inside.any()):  # nothing is read: any pixel will do
+        return x.block(image, 0, 1, 0, 1).reshape(1, channels), (0, 0), 1
+    r0, r1 = int(ty.lo[ty.inside].min()), int(ty.hi[ty.inside].max()) + 1
+    c0, c1 = int(tx.lo[tx.inside].min()), int(tx.hi[tx.inside].max()) + 1
+    return x.block(image, r0, r1, c0, c1).reshape(-1, channels), (r0, c0), c1 - c0
+
+
+def _first_max(val: np.ndarray):
+    """The largest sample of each bin and where it is, as a C loop with a strict ``>``
+    over the samples in row-major order finds it: the first maximal one.
+
+    ``val`` is ``(PH, ny, PW, nx, C)`` without NaN. Each row of samples is reduced
+    across its columns, then the rows: the first row holding the bin's max, and in it
+    the first column holding it, is the first maximal sample in row-major order. The
+    reductions run over whole ``(PH, PW, C)`` slices, never along a short strided axis.
+
+    Returns
+    -------
+    best : ndarray (PH, PW, C)
+        The winning sample's value (its own sign of zero, too).
+    win_y, win_x : ndarray of int64 (PH, PW, C)
+    """
+    row_best = val.max(axis=3)  # (PH, ny, PW, C)
+    row_arg = _first_hit(val, row_best, 3)
+    best = row_best.max(axis=1)
+    win_y = _first_hit(row_best, best, 1)
+    win_x = np.take_along_axis(row_arg, win_y[:, None], axis=1)[:, 0]
+    zero = best == 0
+    if zero.any():  # max() may return either zero when +0 and -0 tie; the loop keeps the first
+        ph, pw, c = best.shape
+        p, q, ch = np.nonzero(zero)
+        best[zero] = val[p, win_y[zero], q, win_x[zero], ch]
+    return best, win_y, win_x
 
 
 def _winning(box: _Box, field: np.ndarray, axis: int) -> np.ndarray:
@@ -159,33 +215,76 @@ def roi_warp(
     rois, output_size, spatial_scale, sampling_ratio = _check(
         input, rois, output_size, spatial_scale, sampling_ratio, mode
     )
-    x = channels_last(input)
-    out = np.zeros((rois.shape[0],) + output_size + (x.shape[3],), dtype=x.dtype)
+    x = MapBlocks(input, cells_read(rois, spatial_scale, *input.shape[2:]))
+    out = np.zeros((rois.shape[0], input.shape[1]) + output_size, dtype=input.dtype)
     for box in _boxes(x, rois, rounded_corners(rois, spatial_scale, x.dtype), output_size, sampling_ratio):
-        out[box.k] = box.out
-    return channels_first(out, input.dtype)
+        out[box.k] = box.out.transpose(2, 0, 1)
+    return out
+
+
+class _PerBox:
+    """``g[k]`` of a ``(K, C, PH, PW)`` gradient as a channels-last ``(PH, PW, C)`` view in
+    ``dtype``: no transposed copy of the whole gradient."""
+
+    def __init__(self, g: np.ndarray, dtype):
+        self.g, self.dtype = g, dtype
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.g[k].transpose(1, 2, 0).astype(self.dtype, copy=False)
+
+
+#: outputs' corner adds gathered before one ``np.add.at`` call of the backward
+_SCATTER_CHUNK = 1 << 20
 
 
 def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sampling_ratio) -> np.ndarray:
     """Scatter each output's gradient to its winning sample's corners, in output order
-    (box, channel, row, column, corner), the order of the kernel's atomic adds on the CPU."""
-    grad = np.zeros_like(x)
+    (box, channel, row, column, corner), the order of the kernel's atomic adds on the CPU.
+
+    The gradient is built straight in the ``(N, C, H, W)`` layout (flat indices), and the
+    adds of many boxes go to one ``np.add.at`` call, concatenated in box order: a pixel
+    still receives its adds in the kernel's order. Returns ``(N, C, H, W)`` in ``x``'s dtype.
+    """
+    if isinstance(x, np.ndarray):
+        x = MapBlocks.of_channels_last(x)
+    n, c, h, w = x.shape
+    grad = np.zeros(n * c * h * w, dtype=x.dtype)
+    chan = np.arange(c)[None, None, :, None]
+    pending_index, pending_value, pending = [], [], 0
     for box in _boxes(x, rois, corners, output_size, sampling_ratio):
         won = box.win_y >= 0
-        ylo, yhi = _winning(box, box.ty.lo, 0), _winning(box, box.ty.hi, 0)
-        xlo, xhi = _winning(box, box.tx.lo, 1), _winning(box, box.tx.hi, 1)
-        wly, why = _winning(box, box.ty.wlo, 0), _winning(box, box.ty.whi, 0)
-        wlx, whx = _winning(box, box.tx.wlo, 1), _winning(box, box.tx.whi, 1)
+        pick_y, pick_x = _winner_index(box, 0), _winner_index(box, 1)
+        ylo, yhi = box.ty.lo.take(pick_y), box.ty.hi.take(pick_y)
+        xlo, xhi = box.tx.lo.take(pick_x), box.tx.hi.take(pick_x)
+        wly, why = box.ty.wlo.take(pick_y), box.ty.whi.take(pick_y)
+        wlx, whx = box.tx.wlo.take(pick_x), box.tx.whi.take(pick_x)
         gk = g[box.k]
         rows = np.stack([ylo, ylo, yhi, yhi], axis=-1)
         cols = np.stack([xlo, xhi, xlo, xhi], axis=-1)
         adds = np.stack([gk * (wly * wlx), gk * (wly * whx), gk * (why * wlx), gk * (why * whx)], axis=-1)
-        chan = np.broadcast_to(np.arange(x.shape[3])[None, None, :, None], rows.shape)
-        keep = np.broadcast_to(won[..., None], rows.shape)
+        flat = ((box.image * c + chan) * h + rows) * w + cols  # (PH, PW, C, corner)
         order = (2, 0, 1, 3)  # (PH, PW, C, corner) -> (C, PH, PW, corner)
-        r, c, ch, a = (np.transpose(m, order)[np.transpose(keep, order)] for m in (rows, cols, chan, adds))
-        np.add.at(grad[box.image], (r, c, ch), a)
-    return grad
+        flat, adds = np.transpose(flat, order), np.transpose(adds, order)
+        if not won.all():  # an output with no sample routes nothing
+            keep = np.broadcast_to(np.transpose(won, (2, 0, 1))[..., None], flat.shape)
+            flat, adds = flat[keep], adds[keep]
+        pending_index.append(flat.ravel())
+        pending_value.append(adds.ravel())
+        pending += flat.size
+        if pending >= _SCATTER_CHUNK:
+            np.add.at(grad, np.concatenate(pending_index), np.concatenate(pending_value))
+            pending_index, pending_value, pending = [], [], 0
+    if pending:
+        np.add.at(grad, np.concatenate(pending_index), np.concatenate(pending_value))
+    return grad.reshape(n, c, h, w)
+
+
+def _winner_index(box: _Box, axis: int) -> np.ndarray:
+    """Flat index into a ``(P, n)`` field of one axis of each output's winning sample."""
+    ph, pw, _ = box.out.shape
+    if axis == 0:
+        return np.arange(ph)[:, None, None] * (box.ys.grid + 1) + np.maximum(box.win_y, 0)
+    return np.arange(pw)[None, :, None] * (box.xs.grid + 1) + np.maximum(box.win_x, 0)
 
 
 def roi_warp_backward(
@@ -216,10 +315,10 @@ def roi_warp_backward(
         input, rois, output_size, spatial_scale, sampling_ratio, mode
     )
     v.check_grad_output(grad_output, (rois.shape[0], input.shape[1]) + output_size, input)
-    x = channels_last(input)
+    x = MapBlocks(input, cells_read(rois, spatial_scale, *input.shape[2:]))
     corners = rounded_corners(rois, spatial_scale, x.dtype)
-    grad = _input_gradient(channels_last(grad_output), x, rois, corners, output_size, sampling_ratio)
-    return channels_first(grad, input.dtype)
+    grad = _input_gradient(_PerBox(grad_output, x.dtype), x, rois, corners, output_size, sampling_ratio)
+    return grad.astype(input.dtype, copy=False)
 
 
 def _corner_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sampling_ratio, scale) -> np.ndarray:

@@ -1,12 +1,13 @@
 """Spatial pyramid pooling (SPP-net): fixed-length features from maps of any size."""
 from __future__ import annotations
 
+from typing import Tuple
+
 import numpy as np
 
 from .. import _validate as v
 from ..geometry import spp_bins
-from ._layout import channels_first, channels_last
-from ._pooling import window_max
+from ._layout import channels_first, channels_last, compute_dtype
 
 
 def _bin_average_matrix(length: int, n: int, dtype) -> np.ndarray:
@@ -43,16 +44,14 @@ def spp(input: np.ndarray, levels=(4, 2, 1), mode: str = "max") -> np.ndarray:
     ndarray, shape (N, C * sum(n * n for n in levels))
     """
     levels, mode = _check(input, levels, mode)
+    if mode == "max":
+        return np.concatenate([pooled.reshape(len(input), -1) for pooled in _max_pyramid(input, levels)], axis=1)
     x = channels_last(input)
     n_img, h, w, c = x.shape
     parts = []
     for n in levels:
-        if mode == "max":
-            rows, cols = spp_bins(h, n), spp_bins(w, n)
-            pooled = np.stack([window_max(x[i], rows, cols)[0] for i in range(n_img)])
-        else:
-            ay, ax = _bin_average_matrix(h, n, x.dtype), _bin_average_matrix(w, n, x.dtype)
-            pooled = np.einsum("ph,nhwc,qw->npqc", ay, x, ax)
+        ay, ax = _bin_average_matrix(h, n, x.dtype), _bin_average_matrix(w, n, x.dtype)
+        pooled = np.einsum("ph,nhwc,qw->npqc", ay, x, ax)
         parts.append(channels_first(pooled, x.dtype).reshape(n_img, -1))
     return np.concatenate(parts, axis=1).astype(input.dtype)
 
@@ -76,20 +75,102 @@ def spp_backward(grad_output: np.ndarray, input: np.ndarray, levels=(4, 2, 1), m
     levels, mode = _check(input, levels, mode)
     n_img, c, h, w = input.shape
     v.check_grad_output(grad_output, (n_img, c * sum(n * n for n in levels)), input)
+    dtype = compute_dtype(input.dtype)
+    g = grad_output.astype(dtype, copy=False)
+    if mode == "max":
+        grad = np.zeros(input.shape, dtype=dtype)
+        img, ch = np.arange(n_img)[:, None], np.arange(c)[None, :]
+        offset = 0
+        for n, (_, where) in zip(levels, _max_levels(input, levels, with_arg=True)):
+            gl = g[:, offset : offset + c * n * n].reshape(n_img, c, n, n)
+            offset += c * n * n
+            # level by level, bin by bin in row-major order: the order in which a pixel
+            # of one channel receives its adds; within a bin every (image, channel) has
+            # its own pixel, so a buffered += is exact
+            for p in range(n):
+                for q in range(n):
+                    rows, cols = where[0][..., p, q], where[1][..., p, q]
+                    grad[img, ch, rows, cols] += gl[:, :, p, q]
+        return grad.astype(input.dtype, copy=False)
     x = channels_last(input)
-    g = grad_output.astype(x.dtype, copy=False)
     grad = np.zeros(x.shape, dtype=x.dtype)
     offset = 0
-    ch = np.arange(c)
     for n in levels:
         gl = g[:, offset : offset + c * n * n].reshape(n_img, c, n, n).transpose(0, 2, 3, 1)
         offset += c * n * n
-        if mode == "max":
-            rows, cols = spp_bins(h, n), spp_bins(w, n)
-            for i in range(n_img):
-                _, ar, ac, _ = window_max(x[i], rows, cols, with_arg=True)
-                np.add.at(grad[i].reshape(-1), ((ar * w + ac) * c + ch).ravel(), gl[i].ravel())
-        else:
-            ay, ax = _bin_average_matrix(h, n, x.dtype), _bin_average_matrix(w, n, x.dtype)
-            grad += np.einsum("ph,npqc,qw->nhwc", ay, gl, ax)
+        ay, ax = _bin_average_matrix(h, n, x.dtype), _bin_average_matrix(w, n, x.dtype)
+        grad += np.einsum("ph,npqc,qw->nhwc", ay, gl, ax)
     return channels_first(grad, input.dtype)
+
+
+def _segments(length: int, levels) -> Tuple[np.ndarray, list]:
+    """Cut an axis at every bin edge of every level.
+
+    Returns the segments' starts and, per level, each bin's ``[first, last)`` segment
+    range: a bin is a run of whole segments, so its max is the max of theirs.
+    """
+    bins = [spp_bins(length, n) for n in levels]
+    edges = np.unique(np.concatenate([np.concatenate(b) for b in bins] + [np.array([0, length])]))
+    starts = edges[:-1]
+    return starts, [(np.searchsorted(starts, s), np.searchsorted(starts, e)) for s, e in bins]
+
+
+def _max_pyramid(input: np.ndarray, levels):
+    """Yield the max of every cell of each level, ``(N, C, n, n)``, without locating it.
+
+    The map is read once, in its own layout: ``maximum.reduceat`` over the row segments
+    of all levels (:func:`_segments`) is an elementwise max of whole contiguous rows;
+    the column segments and the cells then work on a map of a few rows.
+    """
+    _, _, h, w = input.shape
+    row_starts, row_ranges = _segments(h, levels)
+    col_starts, col_ranges = _segments(w, levels)
+    seg = np.maximum.reduceat(np.maximum.reduceat(input, row_starts, axis=2), col_starts, axis=3)
+    for n, (r_first, r_last), (c_first, c_last) in zip(levels, row_ranges, col_ranges):
+        pooled = np.empty(input.shape[:2] + (n, n), dtype=input.dtype)
+        for p, (a, b) in enumerate(zip(r_first.tolist(), r_last.tolist())):
+            for q, (e, f) in enumerate(zip(c_first.tolist(), c_last.tolist())):
+                pooled[:, :, p, q] = seg[:, :, a:b, e:f].max(axis=(2, 3))
+        yield pooled
+
+
+def _first_hit(window: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """Index of the first entry of ``window`` (last axis) equal to ``best``; the last
+    index when none is (a NaN max), as :func:`._pooling.window_max` does."""
+    hit = window == best[..., None]
+    return np.where(hit.any(axis=-1), hit.argmax(axis=-1), window.shape[-1] - 1)
+
+
+def _max_levels(input: np.ndarray, levels, with_arg: bool = False):
+    """Yield, per level, the max of every cell ``(N, C, n, n)`` and, with ``with_arg``,
+    where it sits (``(rows, cols)``, each ``(N, C, n, n)``; None otherwise).
+
+    The map is read once for all levels, in its own ``(N, C, H, W)`` layout: the max of
+    each row over every column segment (:func:`_segments`), with ``maximum.reduceat``.
+    Everything after that works on arrays of ``H x segments``. The maxima and the tie
+    rule are :func:`._pooling.window_max`'s: reduce each row over the cell's columns,
+    take the first row holding the max, then the first column of that row holding it.
+    """
+    n_img, c, h, w = input.shape
+    col_starts, col_ranges = _segments(w, levels)
+    seg = np.maximum.reduceat(input, col_starts, axis=3)  # (N, C, H, segments)
+    img, ch = np.arange(n_img)[:, None, None], np.arange(c)[None, :, None]
+    for n, (first, last) in zip(levels, col_ranges):
+        rs, re = spp_bins(h, n)
+        cs, ce = spp_bins(w, n)
+        # each row's max over each column bin: (N, C, H, n)
+        row_max = np.stack([seg[..., a:b].max(axis=-1) for a, b in zip(first.tolist(), last.tolist())], axis=-1)
+        pooled = np.empty((n_img, c, n, n), dtype=input.dtype)
+        where = (np.empty(pooled.shape, np.int64), np.empty(pooled.shape, np.int64)) if with_arg else None
+        for p, (r0, r1) in enumerate(zip(rs.tolist(), re.tolist())):
+            window = row_max[:, :, r0:r1, :].transpose(0, 1, 3, 2)  # (N, C, n, R)
+            pooled[:, :, p, :] = best = window.max(axis=-1)
+            if not with_arg:
+                continue
+            row = r0 + _first_hit(window, best)  # (N, C, n)
+            for q, (c0, c1) in enumerate(zip(cs.tolist(), ce.tolist())):
+                r = row[..., q]
+                line = input[img, ch, r[..., None], np.arange(c0, c1)]  # (N, C, S)
+                where[0][:, :, p, q] = r
+                where[1][:, :, p, q] = c0 + _first_hit(line, row_max[img[..., 0], ch[..., 0], r, q])
+        yield pooled, where
