@@ -79,9 +79,10 @@ def _reads_most_of_the_map(cells: int, shape, fraction=None) -> bool:
 class MapBlocks:
     """Channels-last blocks of an ``(N, C, H, W)`` map, in the compute dtype.
 
-    When the boxes read most of the map, the whole map is copied channels-last once and
-    blocks are views of it. When few boxes read a large map that copy would cost more
-    than the boxes themselves, so each block is transposed on its own instead.
+    When the boxes read the map several times over (:data:`WHOLE_MAP_FRACTION`), the
+    whole map is copied channels-last once and blocks are views of it. When few boxes
+    read a large map that copy would cost more than the boxes themselves, so each block
+    is gathered and transposed on its own instead.
 
     Parameters
     ----------
@@ -132,9 +133,10 @@ class MapBlocks:
 class GradBlocks:
     """An ``(N, C, H, W)`` gradient accumulated from channels-last blocks.
 
-    Like :class:`MapBlocks`: channels-last when the boxes cover most of the map (one
-    transpose at the end), otherwise added straight into the ``(N, C, H, W)`` result, whose
-    untouched pages ``np.zeros`` never even writes. The additions are the same either way.
+    Like :class:`MapBlocks`: channels-last when the boxes cover the map many times over
+    (:data:`GRAD_WHOLE_MAP_FRACTION`; one transpose at the end), otherwise added straight
+    into the ``(N, C, H, W)`` result, whose untouched pages ``np.zeros`` never even
+    writes. The additions are the same either way.
     """
 
     def __init__(self, shape, dtype, cells: int):
