@@ -1073,7 +1073,7 @@ def scaling_curves(axes, rows: Sequence[dict], value: str = "ratio", fontsize: f
         One per axis of the sweep, in the order the rows first name them
         (``boxes``, ``channels``, ``map_hw``).
     rows : sequence of dict
-        The rows of :func:`roilib.bench.run_scaling` (``--json``): ``axis``, ``op``,
+        The rows of ``roilib.bench.run_scaling`` (``--json``): ``axis``, ``op``,
         ``case``, ``pass_``, the swept values, and ``roilib`` / ``torchvision`` timings.
     value : {"ratio", "ms"}
         Plot roilib's time over torchvision's, or roilib's time in milliseconds.
