@@ -47,46 +47,56 @@ import torch.multiprocessing as mp
 
 WORLD = 2                   # processes
 K_TOTAL = len(rois)         # boxes in the whole batch
+F = nn.functional
 
 
 def summed_loss(scores, deltas, labels, targets):
     fg = labels > 0
-    return (nn.functional.cross_entropy(scores, labels, reduction="sum")
-            + nn.functional.smooth_l1_loss(deltas[fg, labels[fg] - 1], targets[fg], reduction="sum"))
+    picked = deltas[fg, labels[fg] - 1]
+    return (F.cross_entropy(scores, labels, reduction="sum")
+            + F.smooth_l1_loss(picked, targets[fg], reduction="sum"))
 
 
 def share(rank):
-    # process `rank` gets image `rank` and its boxes (batch index 0 in its own batch)
+    # process `rank` gets image `rank` and its boxes (batch index 0 in its
+    # own batch)
     mine = torch.from_numpy(rois[:, 0] == rank)
     rois_r = torch.from_numpy(rois)[mine].clone()
     rois_r[:, 0] = 0
-    return torch.from_numpy(features[rank:rank + 1]), rois_r, labels[mine], targets[mine]
+    image = torch.from_numpy(features[rank:rank + 1])
+    return image, rois_r, labels[mine], targets[mine]
 
 
 def ddp_step(rank, store, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    torch.manual_seed(0)                 # the same initial weights in every process
-    model = nn.parallel.DistributedDataParallel(BoxHead(channels=8, num_classes=3, stride=8))
+    dist.init_process_group("gloo", init_method=f"file://{store}",
+                            rank=rank, world_size=WORLD)
+    torch.manual_seed(0)         # the same initial weights in every process
+    head = BoxHead(channels=8, num_classes=3, stride=8)
+    model = nn.parallel.DistributedDataParallel(head)
     x_r, rois_r, labels_r, targets_r = share(rank)
-    loss = summed_loss(*model(x_r, rois_r), labels_r, targets_r) * WORLD / K_TOTAL
-    loss.backward()                      # DDP averages the gradients here
+    loss = summed_loss(*model(x_r, rois_r), labels_r, targets_r)
+    (loss * WORLD / K_TOTAL).backward()  # DDP averages the gradients here
     if rank == 0:
-        torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
-    del model                            # DDP's reducer goes before its process group
+        grads = {n: p.grad for n, p in model.module.named_parameters()}
+        torch.save(grads, out)
+    del model                    # DDP's reducer goes before its process group
     dist.destroy_process_group()
 
 
 with tempfile.TemporaryDirectory() as tmp:
-    mp.start_processes(ddp_step, args=(f"{tmp}/store", f"{tmp}/grads.pt"), nprocs=WORLD,
-                       start_method="fork")
+    mp.start_processes(ddp_step, args=(f"{tmp}/store", f"{tmp}/grads.pt"),
+                       nprocs=WORLD, start_method="fork")
     ddp_grads = torch.load(f"{tmp}/grads.pt")
 
 torch.manual_seed(0)
 single = BoxHead(channels=8, num_classes=3, stride=8)
 scores, deltas = single(torch.from_numpy(features), torch.from_numpy(rois))
 (summed_loss(scores, deltas, labels, targets) / K_TOTAL).backward()
-difference = max((ddp_grads[n] - p.grad).abs().max().item() for n, p in single.named_parameters())
+difference = max(
+    (ddp_grads[n] - p.grad).abs().max().item()
+    for n, p in single.named_parameters()
+)
 print(f"{WORLD} processes x {K_TOTAL // WORLD} boxes vs 1 process x {K_TOTAL} boxes")
 print("same gradients, up to float32 rounding (1e-6):", difference <= 1e-6)"""
 
