@@ -4,13 +4,7 @@ Same setup as tests/test_kernels_cpu.py's sanitizer test (a subprocess with the 
 runtime preloaded), on boxes inside, across and far outside the maps, tiny, zero-size,
 inverted and huge, in every dtype.
 """
-import os
-import subprocess
-import sys
-
-import pytest
-
-from test_kernels_cpu import _sanitizer_runtime  # same directory; pytest puts it on sys.path
+from test_kernels_cpu import run_sanitized  # same directory; pytest puts it on sys.path
 
 SCRIPT = """
 import numpy as np
@@ -38,20 +32,4 @@ print("sanitized run ok")
 
 
 def test_family_kernels_under_address_and_undefined_behaviour_sanitizers():
-    runtime = _sanitizer_runtime()
-    if runtime is None:
-        pytest.skip("the C++ compiler has no AddressSanitizer/UBSan runtime")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(
-        os.environ,
-        ROILIB_CPU_SANITIZE="1",
-        LD_PRELOAD=runtime,
-        ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
-        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
-        PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    report = proc.stdout + proc.stderr
-    assert proc.returncode == 0, report[-5000:]
-    assert "AddressSanitizer" not in report and "runtime error" not in report, report[-5000:]
-    assert "sanitized run ok" in proc.stdout
+    run_sanitized(SCRIPT)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ if shutil.which(os.environ.get("CXX", "c++")) is None:
     pytest.skip("no C++ compiler to build the kernels for the CPU", allow_module_level=True)
 
 from roilib.cuda import cpu  # noqa: E402
-from test_kernels_cpu import _sanitizer_runtime, assert_close  # noqa: E402
+from test_kernels_cpu import assert_close, run_sanitized  # noqa: E402
 
 
 def _gpu():
@@ -261,23 +259,7 @@ print("sanitized run ok")
 
 
 def test_kernels_under_address_and_undefined_behaviour_sanitizers():
-    runtime = _sanitizer_runtime()
-    if runtime is None:
-        pytest.skip("the C++ compiler has no AddressSanitizer/UBSan runtime")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(
-        os.environ,
-        ROILIB_CPU_SANITIZE="1",
-        LD_PRELOAD=runtime,
-        ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
-        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
-        PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run([sys.executable, "-c", SANITIZED_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    report = proc.stdout + proc.stderr
-    assert proc.returncode == 0, report[-5000:]
-    assert "AddressSanitizer" not in report and "runtime error" not in report, report[-5000:]
-    assert "sanitized run ok" in proc.stdout
+    run_sanitized(SANITIZED_SCRIPT)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
