@@ -504,11 +504,77 @@ _register_backward(_roi_pool, _roi_pool_backward)
 _register_backward(_roi_warp, _roi_warp_backward, _roi_warp_rois_backward)
 
 
+# RoIPool with its argmax kept for the backward (CPU, eager training). ``roilib::roi_pool``
+# alone must find every bin's max again in its backward, which costs as much as the
+# forward; this pair of ops keeps the forward's argmax instead, as torchvision's does.
+# Traces, exports and CUDA tensors use ``roilib::roi_pool`` (one output, ONNX MaxRoiPool).
+
+
+@torch.library.custom_op("roilib::roi_pool_with_argmax", mutates_args=())
+def _roi_pool_with_argmax(input: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float) -> Tuple[Tensor, Tensor]:
+    if input.is_cuda:
+        raise NotImplementedError("roilib::roi_pool_with_argmax runs on CPU tensors; CUDA uses roilib::roi_pool")
+    out, argmax = _run("roi_pool", (input, rois.to(_box_dtype(input))), tuple(output_size), spatial_scale, True)
+    return out, argmax
+
+
+@_roi_pool_with_argmax.register_fake
+def _(input, rois, output_size, spatial_scale):
+    shape = (rois.shape[0], input.shape[1], output_size[0], output_size[1])
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("roilib::roi_pool_argmax_backward", mutates_args=())
+def _roi_pool_argmax_backward(
+    grad: Tensor, input: Tensor, rois: Tensor, argmax: Tensor, output_size: List[int], spatial_scale: float
+) -> Tensor:
+    dtype, rois = input.dtype, rois.to(_box_dtype(input))
+    if dtype not in _NATIVE:  # bfloat16 computes in float32, as in _run
+        grad, input = grad.float(), input.float()
+    g, x, r, arg = [_to_array(t) for t in (grad, input, rois, argmax)]
+    out = reference.roi_pool_backward(g, x, r, tuple(output_size), spatial_scale, argmax=arg)
+    return torch.from_numpy(np.ascontiguousarray(out)).to(dtype)
+
+
+@_roi_pool_argmax_backward.register_fake
+def _(grad, input, rois, argmax, output_size, spatial_scale):
+    return torch.empty_like(input)
+
+
+def _roi_pool_with_argmax_setup(ctx, inputs, output):
+    input, rois, output_size, spatial_scale = inputs
+    ctx.save_for_backward(input, rois, output[1])
+    ctx.args = (output_size, spatial_scale)
+
+
+def _roi_pool_with_argmax_grad(ctx, grad, grad_argmax):
+    input, rois, argmax = ctx.saved_tensors
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _roi_pool_argmax_backward(grad, input, rois, argmax, *ctx.args)
+    return grad_input, None, None, None
+
+
+_roi_pool_with_argmax.register_autograd(_roi_pool_with_argmax_grad, setup_context=_roi_pool_with_argmax_setup)
+
+
+def _keeps_argmax(input: Tensor) -> bool:
+    """Whether :func:`roi_pool` takes the argmax-keeping op: an eager CPU call that
+    autograd records (never while tracing or exporting, which want one output)."""
+    if torch.jit.is_scripting():
+        return input.requires_grad and torch.is_grad_enabled() and not input.is_cuda
+    if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return False
+    return input.requires_grad and torch.is_grad_enabled() and not input.is_cuda
+
+
 @torch.fx.wrap
 def roi_pool(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[int], spatial_scale: float = 1.0) -> Tensor:
     """RoIPool, as ``torchvision.ops.roi_pool``; differentiable in ``input``.
 
-    Exports to ONNX ``MaxRoiPool``.
+    When autograd records a CPU call, the forward keeps each bin's argmax for the
+    backward (as torchvision's op does), so the backward only routes gradients; traced,
+    exported and CUDA calls use the one-output op. Exports to ONNX ``MaxRoiPool``.
 
     Parameters
     ----------
@@ -529,6 +595,8 @@ def roi_pool(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[int
         _reject_quantized(input, "roi_pool")
         spatial_scale = _spatial_scale(spatial_scale)
     rois = _as_rois(boxes, input)
+    if _keeps_argmax(input):
+        return torch.ops.roilib.roi_pool_with_argmax(input, rois, _pair(output_size), spatial_scale)[0]
     return torch.ops.roilib.roi_pool(input, rois, _pair(output_size), spatial_scale)
 
 

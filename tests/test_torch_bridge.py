@@ -109,6 +109,45 @@ def test_custom_ops_pass_torch_library_opcheck():
     x, rois = _problem()
     torch.library.opcheck(torch.ops.roilib.roi_align.default, (x, rois, [2, 2], 0.5, 2, True, "avg"))
     torch.library.opcheck(torch.ops.roilib.roi_pool.default, (x, rois, [2, 2], 0.5))
+    x.requires_grad_(True)
+    torch.library.opcheck(torch.ops.roilib.roi_pool_with_argmax.default, (x, rois, [2, 2], 0.5))
+
+
+def test_roi_pool_backward_reuses_the_argmax_of_its_forward(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("roilib.reference.roi_pool")
+    calls = []
+    search = module._pool
+    monkeypatch.setattr(module, "_pool", lambda *a, **k: calls.append(1) or search(*a, **k))
+    x, rois = _problem()
+    x.requires_grad_(True)
+    out = rt.roi_pool(x, rois, 3, 0.5)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    out.backward(g)
+    assert len(calls) == 1  # the forward's search for the maxima, never repeated
+    monkeypatch.setattr(module, "_pool", search)
+    expected = roilib.roi_pool_backward(g.numpy(), x.detach().numpy(), rois.numpy(), 3, 0.5)
+    np.testing.assert_array_equal(x.grad.numpy(), expected)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+def test_a_traced_roi_pool_records_the_one_output_op():
+    x, rois = _problem()
+    graph = torch.jit.trace(lambda inp: rt.roi_pool(inp, rois, 3, 0.5), x.clone().requires_grad_(True)).graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert "roilib::roi_pool" in kinds and "roilib::roi_pool_with_argmax" not in kinds
+
+
+def test_roi_pool_bfloat16_gradient_matches_float32_of_the_same_values():
+    x, rois = _problem(torch.float32)
+    x16 = x.to(torch.bfloat16).requires_grad_(True)
+    out = rt.roi_pool(x16, rois, 3, 0.5)
+    g = torch.ones_like(out)
+    out.backward(g)
+    expected = roilib.roi_pool_backward(g.float().numpy(), x16.detach().float().numpy(), rois.numpy(), 3, 0.5)
+    assert x16.grad.dtype == torch.bfloat16
+    np.testing.assert_array_equal(x16.grad.float().numpy(), expected.astype(np.float32))
 
 
 def test_roi_warp_box_gradient_flows_when_boxes_require_it():
