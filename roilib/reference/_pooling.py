@@ -137,10 +137,12 @@ def bin_max(a: np.ndarray, starts, ends, out: np.ndarray, rowwise: bool = False)
     for i, (s, e) in enumerate(zip(starts, ends)):
         if e <= s:
             out[i] = 0
+        elif e - s == 1:
+            out[i] = a[s]
+        elif e - s == 2:  # a binary max costs less than a reduce
+            np.maximum(a[s], a[s + 1], out=out[i])
         elif not rowwise:
             np.maximum.reduce(a[s:e], axis=0, out=out[i])
-        elif e - s == 1:
-            out[i] = rows[s]
         else:
             acc = np.maximum(rows[s], rows[s + 1], out=out[i])
             for r in range(s + 2, e):
