@@ -28,7 +28,8 @@ def _loop_roi_pool(x, rois, output_size, spatial_scale):
     """RoIPool as a C loop computes it: first max in row-major order, -1 for an empty bin."""
     n, c, h, w = x.shape
     ph, pw = output_size
-    bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, np.float32 if x.dtype == np.float16 else x.dtype)
+    dtype = np.float32 if x.dtype == np.float16 else x.dtype
+    bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, dtype)
     out = np.zeros((len(rois), c, ph, pw), x.dtype)
     arg = np.full(out.shape, -1, np.int64)
     for k in range(len(rois)):
@@ -118,7 +119,8 @@ def test_roi_pool_nan_propagates_to_the_bins_holding_it(values_layout):
 def test_bin_max_matches_numpy_max_including_empty_and_overlapping_ranges(rng):
     a = rng.standard_normal((9, 4, 6)).astype(np.float32)
     starts, ends = [0, 2, 2, 5, 8, 7], [3, 2, 5, 9, 9, 6]  # overlaps, empty (2, 2) and (7, 6)
-    expected = np.stack([a[s:e].max(axis=0) if e > s else np.zeros((4, 6), np.float32) for s, e in zip(starts, ends)])
+    zero = np.zeros((4, 6), np.float32)
+    expected = np.stack([a[s:e].max(axis=0) if e > s else zero for s, e in zip(starts, ends)])
     for rowwise, view in ((False, a), (True, a), (True, a.transpose(0, 2, 1).copy().transpose(0, 2, 1))):
         out = np.full((len(starts), 4, 6), 7.0, np.float32)
         _pooling.bin_max(view, starts, ends, out, rowwise=rowwise)

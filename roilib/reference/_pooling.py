@@ -133,7 +133,7 @@ def bin_max(a: np.ndarray, starts, ends, out: np.ndarray, rowwise: bool = False)
         runs of ``S`` contiguous values) NumPy's reduce over the strided first axis
         is several times slower than this loop; for contiguous rows it is faster.
     """
-    rows = list(a) if rowwise else None  # the row views, made once
+    rows = None
     for i, (s, e) in enumerate(zip(starts, ends)):
         if e <= s:
             out[i] = 0
@@ -144,6 +144,7 @@ def bin_max(a: np.ndarray, starts, ends, out: np.ndarray, rowwise: bool = False)
         elif not rowwise:
             np.maximum.reduce(a[s:e], axis=0, out=out[i])
         else:
+            rows = list(a) if rows is None else rows  # the row views, made once
             acc = np.maximum(rows[s], rows[s + 1], out=out[i])
             for r in range(s + 2, e):
                 np.maximum(acc, rows[r], out=acc)
