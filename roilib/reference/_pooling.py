@@ -1,15 +1,47 @@
-"""Max over integer windows with torchvision's tie rule, shared by RoIPool and SPP.
+"""Max over integer windows, shared by RoIPool, RoIWarp and SPP.
 
-Works channels-last, ``(R, S, C)``: reducing a window over rows or columns is then an
+:func:`window_max` finds the maxima *and where they sit*, with torchvision's tie rule.
+It works channels-last, ``(R, S, C)``: reducing a window over rows or columns is then an
 elementwise max of contiguous channel vectors, which NumPy vectorises well. Finding
 *where* the max sits uses the same elementwise machinery (see :func:`_reduce_bins`)
 instead of ``argmax`` along a strided axis, which is an order of magnitude slower.
+
+:func:`bin_max` only takes maxima. A max does not depend on the order it is taken in
+(NaN included: ``np.maximum`` propagates it), so it reduces rows first, the direction
+in which a map's memory is contiguous in either layout, and needs no channels-last copy.
 """
 from __future__ import annotations
 
+import threading
 from typing import Tuple
 
 import numpy as np
+
+#: work buffers up to this many bytes are kept between calls (one set per thread)
+SCRATCH_KEEP = 16 << 20
+_scratch = threading.local()
+
+
+def scratch(slot: int, size: int, dtype) -> np.ndarray:
+    """A 1-D work array of ``size`` elements, uninitialised, reused between calls.
+
+    A fresh array of a megabyte or so is a fresh ``mmap`` whose pages fault in on first
+    touch, which costs as much as the maxima of a few boxes; so the per-box temporaries
+    of the pooling loops come from a buffer kept per thread and per ``slot`` (one slot
+    per array alive at the same time). The caller must be done with an array before it
+    asks for the same slot again.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = size * dtype.itemsize
+    if nbytes > SCRATCH_KEEP:
+        return np.empty(size, dtype)
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(slot)
+    if buf is None or buf.size < nbytes:
+        buf = buffers[slot] = np.empty(nbytes, np.uint8)
+    return buf[:nbytes].view(dtype)
 
 
 def _first_hit(window: np.ndarray, best: np.ndarray, axis: int) -> np.ndarray:
@@ -82,3 +114,38 @@ def window_max(
     values[empty] = 0
     arg_col = np.take_along_axis(row_arg, arg_row, axis=0) if with_arg else None
     return values, arg_row, arg_col, empty
+
+
+def bin_max(a: np.ndarray, starts, ends, out: np.ndarray, rowwise: bool = False) -> np.ndarray:
+    """``out[i] = a[starts[i]:ends[i]].max(axis=0)``, 0 where the range is empty.
+
+    Parameters
+    ----------
+    a : ndarray, shape (L, ...)
+        Reduced along its first axis.
+    starts, ends : sequences of int, length P
+        The ranges ``[start, end)`` (Python ints: this runs once per bin).
+    out : ndarray, shape (P, ...)
+        Written in place and returned.
+    rowwise : bool
+        Take the max one ``np.maximum`` per row of ``a`` instead of one reduce per
+        range. For a channels-first block (``a`` of shape ``(R, C, S)``, each row ``C``
+        runs of ``S`` contiguous values) NumPy's reduce over the strided first axis
+        is several times slower than this loop; for contiguous rows it is faster.
+    """
+    rows = None
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        if e <= s:
+            out[i] = 0
+        elif e - s == 1:
+            out[i] = a[s]
+        elif e - s == 2:  # a binary max costs less than a reduce
+            np.maximum(a[s], a[s + 1], out=out[i])
+        elif not rowwise:
+            np.maximum.reduce(a[s:e], axis=0, out=out[i])
+        else:
+            rows = list(a) if rows is None else rows  # the row views, made once
+            acc = np.maximum(rows[s], rows[s + 1], out=out[i])
+            for r in range(s + 2, e):
+                np.maximum(acc, rows[r], out=acc)
+    return out

@@ -141,6 +141,31 @@ def _first_hit(window: np.ndarray, best: np.ndarray) -> np.ndarray:
     return np.where(hit.any(axis=-1), hit.argmax(axis=-1), window.shape[-1] - 1)
 
 
+#: bytes of the map streamed into cache, then reduced, per step of the backward
+_STREAM_BYTES = 1 << 19
+
+
+def _column_segment_max(input: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``np.maximum.reduceat(input, starts, axis=3)``, a few channel planes at a time.
+
+    Each step's planes are first read once front to back (a plain max, thrown away):
+    short column runs of a map that is not in cache are read at memory latency, not
+    bandwidth, and the sequential pass brings the planes into cache at full speed
+    first. On the benchmark's map (53 MB) that is several times faster than one
+    ``reduceat``; steps of :data:`_STREAM_BYTES` keep small planes from costing a
+    Python step each.
+    """
+    n_img, c, h, w = input.shape
+    seg = np.empty((n_img, c, h, len(starts)), dtype=input.dtype)
+    step = max(1, _STREAM_BYTES // max(1, h * w * input.itemsize))
+    for i in range(n_img):
+        for c0 in range(0, c, step):
+            planes = input[i, c0 : c0 + step]
+            planes.max()  # read them into cache, in order
+            np.maximum.reduceat(planes, starts, axis=2, out=seg[i, c0 : c0 + step])
+    return seg
+
+
 def _max_levels(input: np.ndarray, levels, with_arg: bool = False):
     """Yield, per level, the max of every cell ``(N, C, n, n)`` and, with ``with_arg``,
     where it sits (``(rows, cols)``, each ``(N, C, n, n)``; None otherwise).
@@ -153,7 +178,7 @@ def _max_levels(input: np.ndarray, levels, with_arg: bool = False):
     """
     n_img, c, h, w = input.shape
     col_starts, col_ranges = _segments(w, levels)
-    seg = np.maximum.reduceat(input, col_starts, axis=3)  # (N, C, H, segments)
+    seg = _column_segment_max(input, col_starts)  # (N, C, H, segments)
     img, ch = np.arange(n_img)[:, None, None], np.arange(c)[None, :, None]
     for n, (first, last) in zip(levels, col_ranges):
         rs, re = spp_bins(h, n)
