@@ -393,23 +393,29 @@ def _warp(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sam
 
 
 class _Lookup(NamedTuple):
-    """Per box and bin, the four corners of each of the bin's samples: their flat positions
-    in a ``(M, C)`` cells gradient (``cell * C``) and their weights, ``(K, PH, PW, n)``
-    each; ``end`` ``(K, PH, PW, 1)``: the flat index one past each bin's entries."""
+    """Per box, bin and sample of the bin, the sample's four corners: their flat positions
+    in a channels-last ``(M, channels)`` cells gradient (``cell * channels``) and their
+    weights, ``(K, PH, PW, n, 4)`` each; ``end`` ``(K, PH, PW, 1)``: the flat entry (over
+    ``(K, PH, PW, n)``) one past each bin's."""
 
-    cells: tuple
-    weights: tuple
+    cells: np.ndarray
+    weights: np.ndarray
     end: np.ndarray
+    channels: int = 1
+
+    def scaled(self, channels: int) -> "_Lookup":
+        """The same for a gradient of ``channels`` channels."""
+        return self._replace(cells=self.cells // self.channels * channels, channels=channels)
 
 
-def _lookup(group: _Group, channels: int) -> _Lookup:
+def _lookup(group: _Group) -> _Lookup:
     k = group.boxes.size
     ph, pw, n = group.tap_samples.shape
     taps = group.tap_samples.reshape(-1)
-    cells = tuple((np.take(c.reshape(k, -1), taps, axis=1) * channels).reshape(k, ph, pw, n) for c in group.cells)
-    weights = tuple(np.take(w.reshape(k, -1), taps, axis=1).reshape(k, ph, pw, n) for w in group.weights)
+    cells = np.stack([np.take(c.reshape(k, -1), taps, axis=1) for c in group.cells], axis=-1)
+    weights = np.stack([np.take(w.reshape(k, -1), taps, axis=1) for w in group.weights], axis=-1)
     end = (np.arange(1, k * ph * pw + 1, dtype=np.intp) * n).reshape(k, ph, pw, 1)
-    return _Lookup(cells, weights, end)
+    return _Lookup(cells.reshape(k, ph, pw, n, 4), weights.reshape(k, ph, pw, n, 4), end)
 
 
 class _Scratch:
@@ -418,14 +424,11 @@ class _Scratch:
     def __init__(self, size: int, output_size, channels: int, dtype):
         shape = (size,) + tuple(output_size) + (channels,)
         self.entry = np.empty(shape, dtype=np.intp)
-        self.index = np.empty(shape, dtype=np.intp)
-        self.value = np.empty(shape, dtype=dtype)
-        adds = shape[:3] + (4, channels)
-        self.adds = (np.empty(adds, dtype=np.intp), np.empty(adds, dtype=dtype))
+        self.adds = (np.empty(shape + (4,), dtype=np.intp), np.empty(shape + (4,), dtype=dtype))
 
     def block(self, k: int):
-        """The work arrays of a block of ``k`` boxes, and its adds' two arrays."""
-        return (self.entry[:k], self.index[:k], self.value[:k]), (self.adds[0][:k], self.adds[1][:k])
+        """The lookup entries of a block of ``k`` boxes, and its adds' two arrays."""
+        return self.entry[:k], (self.adds[0][:k], self.adds[1][:k])
 
 
 def _block_size(group: _Group, channels: int) -> int:
@@ -434,31 +437,28 @@ def _block_size(group: _Group, channels: int) -> int:
     return max(1, min(group.boxes.size, _BLOCK_ELEMENTS // per_box))
 
 
-def _corner_adds(g, src, group: _Group, table: _Lookup, block, work, c0: int, c1: int, out) -> None:
+def _corner_adds(g, src, group: _Group, table: _Lookup, block, entry, c0: int, c1: int, lanes, out) -> None:
     """The four corner adds of each output of a block of boxes, channels ``c0:c1``: their
-    flat positions in the cells' ``(M, c1 - c0)`` gradient and ``g w``, into ``out`` (two
-    ``(K, PH, PW, 4, c1 - c0)`` arrays, in the order the kernel adds them, per pixel).
+    flat positions in the cells' ``(M, c1 - c0)`` gradient and ``g w``, into
+    ``out`` (two ``(K, PH, PW, c1 - c0, 4)`` arrays). For each pixel (cell and channel)
+    that is the order the kernel adds them in: box, bin (row-major), corner.
 
-    ``block`` is ``(a, b, values, scratch)`` from :func:`_blocks`, ``work`` three
-    ``(K, PH, PW, c1 - c0)`` arrays (a lookup index, an index and a value)."""
+    ``block`` is ``(a, b, values, scratch)`` from :func:`_blocks`, ``entry`` a
+    ``(K, PH, PW, c1 - c0)`` array, ``lanes`` ``(c1 - c0, 4)``: each channel's offset."""
     a, b, values, scratch = block
-    entry, index, value = work
     t = values.dtype.type
     values = _sample_values(src, group, a, b, values, scratch)
     best = _bin_max(values, group)
-    # the lookup entry of each output's winning sample: one past its bin's entries,
-    # minus (n - j)
+    # the lookup entry of each output's winning sample: one past its bin's, minus (n - j)
     np.subtract(table.end[a:b], _winning_taps(values, best, group), out=entry)
     gk = np.ascontiguousarray(g[_rows(group.boxes[a:b]), c0:c1].transpose(0, 2, 3, 1), dtype=values.dtype)
     if not best.min() > t(WARP_FLOOR):  # an output with no winner routes nothing: + 0 adds
         gk[~(best > t(WARP_FLOOR))] = 0
-    lane = np.arange(c1 - c0)
-    index_out, value_out = out
-    for j in range(4):
-        np.take(table.cells[j].reshape(-1), entry, out=index, mode="clip")
-        np.add(index, lane, out=index_out[:, :, :, j])
-        np.take(table.weights[j].reshape(-1), entry, out=value, mode="clip")
-        np.multiply(gk, value, out=value_out[:, :, :, j])
+    index, value = out
+    np.take(table.cells.reshape(-1, 4), entry, axis=0, out=index, mode="clip")
+    index += lanes
+    np.take(table.weights.reshape(-1, 4), entry, axis=0, out=value, mode="clip")
+    value *= np.repeat(gk, 4).reshape(value.shape)
 
 
 def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sampling_ratio) -> np.ndarray:
@@ -477,44 +477,48 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
     groups = _groups(rois, corners, output_size, sampling_ratio, x.shape, dtype)
     cells, groups = _cell_space(groups, n * h * w)
     budget = max(_MIN_SOURCE_BYTES, int(_GRAD_SOURCE_FRACTION * grad.nbytes) // 2)
-    for c0, c1 in _channel_passes(c, _n_cells(cells, x), budget, dtype):
+    tables = [_lookup(group) for group in groups]
+    n_cells = _n_cells(cells, x)
+    for c0, c1 in _channel_passes(c, n_cells, budget, dtype):
         src = _map_cells(x, cells, c0, c1, dtype)
-        cell_grad = np.zeros((_n_cells(cells, x), c1 - c0), dtype=dtype)
+        # channels-last, as the map's cells: the adds of one bin land close together
+        cell_grad = np.zeros((n_cells, c1 - c0), dtype=dtype)
+        if c0 == 0 or c1 - c0 != tables[0].channels:
+            tables = [table.scaled(c1 - c0) for table in tables]
+        lanes = np.repeat(np.arange(c1 - c0), 4).reshape(-1, 4)
         work = _Scratch(max(_block_size(grp, c1 - c0) for grp in groups), output_size, c1 - c0, dtype)
         if len(groups) == 1:
-            _add_group(g, src, groups[0], c0, c1, work, cell_grad.reshape(-1))
+            _add_group(g, src, groups[0], tables[0], c0, c1, lanes, work, cell_grad.reshape(-1))
         else:
-            _add_groups(g, src, groups, rois.shape[0], c0, c1, work, cell_grad.reshape(-1))
+            _add_groups(g, src, groups, tables, rois.shape[0], c0, c1, lanes, work, cell_grad.reshape(-1))
         _set_map_cells(grad, cells, c0, c1, cell_grad)
         src = cell_grad = None
     return grad
 
 
-def _add_group(g, src, group: _Group, c0: int, c1: int, work: _Scratch, flat_grad: np.ndarray) -> None:
+def _add_group(g, src, group: _Group, table: _Lookup, c0: int, c1: int, lanes, work: _Scratch, flat_grad) -> None:
     """Add the gradient through every box of one group, a block (one ``np.add.at``) at a time."""
-    table = _lookup(group, c1 - c0)
-    for block in _blocks(group, 0, group.boxes.size, c1 - c0, work.value.dtype):
-        arrays, adds = work.block(block[1] - block[0])
-        _corner_adds(g, src, group, table, block, arrays, c0, c1, adds)
+    for block in _blocks(group, 0, group.boxes.size, c1 - c0, work.adds[1].dtype):
+        entry, adds = work.block(block[1] - block[0])
+        _corner_adds(g, src, group, table, block, entry, c0, c1, lanes, adds)
         np.add.at(flat_grad, adds[0].reshape(-1), adds[1].reshape(-1))
 
 
-def _add_groups(g, src, groups, n_boxes: int, c0: int, c1: int, work: _Scratch, flat_grad: np.ndarray) -> None:
+def _add_groups(g, src, groups, tables, n_boxes: int, c0: int, c1: int, lanes, work: _Scratch, flat_grad) -> None:
     """:func:`_add_group` for boxes of several groups: runs of boxes in box order, each
     run's adds gathered from the groups and put back in box order before ``np.add.at``."""
-    tables = [_lookup(group, c1 - c0) for group in groups]
     shape = (min(n_boxes, _GRAD_BOXES),) + work.adds[0].shape[1:]
-    run_index, run_value = np.empty(shape, dtype=np.intp), np.empty(shape, dtype=work.value.dtype)
+    run_index, run_value = np.empty(shape, dtype=np.intp), np.empty(shape, dtype=work.adds[1].dtype)
     for k0 in range(0, n_boxes, _GRAD_BOXES):
         k1 = min(n_boxes, k0 + _GRAD_BOXES)
         for group, table in zip(groups, tables):
             a, b = np.searchsorted(group.boxes, [k0, k1]).tolist()
-            for block in _blocks(group, a, b, c1 - c0, work.value.dtype):
-                arrays, adds = work.block(block[1] - block[0])
+            for block in _blocks(group, a, b, c1 - c0, work.adds[1].dtype):
+                entry, adds = work.block(block[1] - block[0])
                 rows = _rows(group.boxes[block[0] : block[1]], k0)
                 if isinstance(rows, slice):  # straight into the run
                     adds = (run_index[rows], run_value[rows])
-                _corner_adds(g, src, group, table, block, arrays, c0, c1, adds)
+                _corner_adds(g, src, group, table, block, entry, c0, c1, lanes, adds)
                 if not isinstance(rows, slice):
                     run_index[rows], run_value[rows] = adds
         np.add.at(flat_grad, run_index[: k1 - k0].reshape(-1), run_value[: k1 - k0].reshape(-1))
