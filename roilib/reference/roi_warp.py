@@ -89,7 +89,7 @@ _BLOCK_ELEMENTS = 1 << 17
 #: at most this fraction of the output's size (memory stays a small multiple of the
 #: output's, the peak RSS the benchmark compares), and at least _MIN_SOURCE_BYTES
 _SOURCE_FRACTION = 0.5
-_MIN_SOURCE_BYTES = 1 << 20
+_MIN_SOURCE_BYTES = 3 << 19
 #: the backward's channels per pass: its gathered cells and their gradient (two arrays of
 #: this many channels) take at most this fraction of the result's size
 _GRAD_SOURCE_FRACTION = 0.5
@@ -132,7 +132,8 @@ def _axis_grid(starts, bin_size, n_bins: int, grid: int, size: int, dtype) -> _A
     frac, present = warp_steps(n_bins, grid, dtype)
     # sample j of bin p sits at start + f * bin, and f depends on (p, j) only: equal f,
     # equal position (the last sample of a bin and the first of the next, often)
-    positions = np.unique(frac[present])
+    ordered = frac[present]  # increasing, but for equal neighbours (np.unique would import np.ma)
+    positions = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
     taps = np.searchsorted(positions, frac)
     # an absent sample repeats the bin's first: it never changes the max, nor the
     # first maximal sample, which comes earlier in the layer's order
@@ -178,7 +179,7 @@ def _groups(rois: np.ndarray, corners: np.ndarray, output_size, sampling_ratio: 
     bin_x, grid_x, _ = warp_bins(corners[:, 0], corners[:, 2], pw, sampling_ratio, dtype)
     image = rois[:, 0].astype(np.int64)
     groups = []
-    for gy, gx in np.unique(np.stack([grid_y, grid_x], axis=1), axis=0).tolist():
+    for gy, gx in sorted(set(zip(grid_y.tolist(), grid_x.tolist()))):
         boxes = np.flatnonzero((grid_y == gy) & (grid_x == gx))
         ys = _axis_grid(corners[boxes, 1], bin_y[boxes], ph, gy, height, dtype)
         xs = _axis_grid(corners[boxes, 0], bin_x[boxes], pw, gx, width, dtype)
@@ -251,15 +252,42 @@ def _channel_passes(c: int, n_cells: int, budget: int, dtype):
     return [(c0, min(c, c0 + step)) for c0 in range(0, c, step)]
 
 
-def _blocks(group: _Group, a: int, b: int, channels: int, dtype):
+def _block_size(group: _Group, channels: int, elements: int = _BLOCK_ELEMENTS) -> int:
+    """Boxes per block of :func:`_blocks`: about ``elements`` sample values."""
+    per_box = group.ys.read.shape[1] * group.xs.read.shape[1] * channels
+    return max(1, min(group.boxes.size, elements // per_box))
+
+
+class _BlockBuffers(NamedTuple):
+    """Two flat arrays that hold the largest block of :func:`_blocks` of some groups, for
+    channel passes of up to ``channels`` channels and blocks of about ``elements`` values."""
+
+    values: np.ndarray
+    scratch: np.ndarray
+    elements: int
+
+    @classmethod
+    def of(cls, groups, channels: int, dtype, elements: int = _BLOCK_ELEMENTS) -> "_BlockBuffers":
+        n = max(_block_capacity(g, channels, elements) * g.ys.read.shape[1] * g.xs.read.shape[1] for g in groups)
+        return cls(np.empty(n, dtype=dtype), np.empty(n, dtype=dtype), elements)
+
+
+def _block_capacity(group: _Group, channels: int, elements: int = _BLOCK_ELEMENTS) -> int:
+    """An upper bound of boxes x channels in a block of :func:`_blocks` for passes of up
+    to ``channels`` channels."""
+    return max(elements // (group.ys.read.shape[1] * group.xs.read.shape[1]), channels)
+
+
+def _blocks(group: _Group, a: int, b: int, channels: int, buffers: _BlockBuffers):
     """Boxes ``a:b`` of ``group`` in blocks: ``(start, stop, values, scratch)``, the last
-    two ``(stop - start, Uy, Ux, channels)`` buffers reused from block to block."""
-    size = max(1, min(b - a, _block_size(group, channels)))
-    shape = (size, group.ys.read.shape[1], group.xs.read.shape[1], channels)
-    values, scratch = np.empty(shape, dtype=dtype), np.empty(shape, dtype=dtype)
+    two ``(stop - start, Uy, Ux, channels)`` views of ``buffers``, the same memory from
+    block to block."""
+    size = max(1, min(b - a, _block_size(group, channels, buffers.elements)))
     for start in range(a, b, size):
         stop = min(b, start + size)
-        yield start, stop, values[: stop - start], scratch[: stop - start]
+        shape = (stop - start, group.ys.read.shape[1], group.xs.read.shape[1], channels)
+        n = int(np.prod(shape))
+        yield start, stop, buffers.values[:n].reshape(shape), buffers.scratch[:n].reshape(shape)
 
 
 def _sample_values(src: np.ndarray, group: _Group, a: int, b: int, values, scratch) -> np.ndarray:
@@ -381,12 +409,16 @@ def _warp(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sam
     budget = max(_MIN_SOURCE_BYTES, int(_SOURCE_FRACTION * out.nbytes))
     passes = _channel_passes(c, _n_cells(cells, x), budget, dtype)
     buffer = np.empty(n * h * w * (passes[0][1] - passes[0][0]), dtype) if cells is None else None
+    # blocks (two buffers) of at most a quarter of the output's size: a few boxes on a
+    # large map stay within a small multiple of the output's memory, as many boxes do
+    elements = min(_BLOCK_ELEMENTS, max(1 << 14, out.size // 4))
+    blocks = _BlockBuffers.of(groups, passes[0][1] - passes[0][0], dtype, elements)
     src = None
     for c0, c1 in passes:
         src = None  # one gathered block alive at a time
         src = _map_cells(x, cells, c0, c1, dtype, buffer)
         for group in groups:
-            for a, b, values, scratch in _blocks(group, 0, group.boxes.size, c1 - c0, dtype):
+            for a, b, values, scratch in _blocks(group, 0, group.boxes.size, c1 - c0, blocks):
                 values = _sample_values(src, group, a, b, values, scratch)
                 _write(out, group.boxes[a:b], c0, c1, _outputs(values, group))
     return out
@@ -419,22 +451,22 @@ def _lookup(group: _Group) -> _Lookup:
 
 
 class _Scratch:
-    """Work arrays of the backward's blocks, made once at the largest block's size."""
+    """Work arrays of the backward's blocks, made once for the largest block of any pass
+    (of up to ``channels`` channels)."""
 
-    def __init__(self, size: int, output_size, channels: int, dtype):
-        shape = (size,) + tuple(output_size) + (channels,)
-        self.entry = np.empty(shape, dtype=np.intp)
-        self.adds = (np.empty(shape + (4,), dtype=np.intp), np.empty(shape + (4,), dtype=dtype))
+    def __init__(self, groups, output_size, channels: int, dtype):
+        n = max(_block_capacity(g, channels) for g in groups) * output_size[0] * output_size[1]
+        self.entry = np.empty(n, dtype=np.intp)
+        self.adds = (np.empty(4 * n, dtype=np.intp), np.empty(4 * n, dtype=dtype))
+        self.blocks = _BlockBuffers.of(groups, channels, dtype)
+        self.output_size = tuple(output_size)
 
-    def block(self, k: int):
+    def block(self, k: int, channels: int):
         """The lookup entries of a block of ``k`` boxes, and its adds' two arrays."""
-        return self.entry[:k], (self.adds[0][:k], self.adds[1][:k])
-
-
-def _block_size(group: _Group, channels: int) -> int:
-    """Boxes per block of :func:`_blocks`."""
-    per_box = group.ys.read.shape[1] * group.xs.read.shape[1] * channels
-    return max(1, min(group.boxes.size, _BLOCK_ELEMENTS // per_box))
+        shape = (k,) + self.output_size + (channels,)
+        n = int(np.prod(shape))
+        adds = tuple(a[: 4 * n].reshape(shape + (4,)) for a in self.adds)
+        return self.entry[:n].reshape(shape), adds
 
 
 def _corner_adds(g, src, group: _Group, table: _Lookup, block, entry, c0: int, c1: int, lanes, out) -> None:
@@ -479,14 +511,15 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
     budget = max(_MIN_SOURCE_BYTES, int(_GRAD_SOURCE_FRACTION * grad.nbytes) // 2)
     tables = [_lookup(group) for group in groups]
     n_cells = _n_cells(cells, x)
-    for c0, c1 in _channel_passes(c, n_cells, budget, dtype):
+    passes = _channel_passes(c, n_cells, budget, dtype)
+    work = _Scratch(groups, output_size, passes[0][1] - passes[0][0], dtype)
+    for c0, c1 in passes:
         src = _map_cells(x, cells, c0, c1, dtype)
         # channels-last, as the map's cells: the adds of one bin land close together
         cell_grad = np.zeros((n_cells, c1 - c0), dtype=dtype)
         if c0 == 0 or c1 - c0 != tables[0].channels:
             tables = [table.scaled(c1 - c0) for table in tables]
         lanes = np.repeat(np.arange(c1 - c0), 4).reshape(-1, 4)
-        work = _Scratch(max(_block_size(grp, c1 - c0) for grp in groups), output_size, c1 - c0, dtype)
         if len(groups) == 1:
             _add_group(g, src, groups[0], tables[0], c0, c1, lanes, work, cell_grad.reshape(-1))
         else:
@@ -498,8 +531,8 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
 
 def _add_group(g, src, group: _Group, table: _Lookup, c0: int, c1: int, lanes, work: _Scratch, flat_grad) -> None:
     """Add the gradient through every box of one group, a block (one ``np.add.at``) at a time."""
-    for block in _blocks(group, 0, group.boxes.size, c1 - c0, work.adds[1].dtype):
-        entry, adds = work.block(block[1] - block[0])
+    for block in _blocks(group, 0, group.boxes.size, c1 - c0, work.blocks):
+        entry, adds = work.block(block[1] - block[0], c1 - c0)
         _corner_adds(g, src, group, table, block, entry, c0, c1, lanes, adds)
         np.add.at(flat_grad, adds[0].reshape(-1), adds[1].reshape(-1))
 
@@ -507,14 +540,14 @@ def _add_group(g, src, group: _Group, table: _Lookup, c0: int, c1: int, lanes, w
 def _add_groups(g, src, groups, tables, n_boxes: int, c0: int, c1: int, lanes, work: _Scratch, flat_grad) -> None:
     """:func:`_add_group` for boxes of several groups: runs of boxes in box order, each
     run's adds gathered from the groups and put back in box order before ``np.add.at``."""
-    shape = (min(n_boxes, _GRAD_BOXES),) + work.adds[0].shape[1:]
+    shape = (min(n_boxes, _GRAD_BOXES),) + work.output_size + (c1 - c0, 4)
     run_index, run_value = np.empty(shape, dtype=np.intp), np.empty(shape, dtype=work.adds[1].dtype)
     for k0 in range(0, n_boxes, _GRAD_BOXES):
         k1 = min(n_boxes, k0 + _GRAD_BOXES)
         for group, table in zip(groups, tables):
             a, b = np.searchsorted(group.boxes, [k0, k1]).tolist()
-            for block in _blocks(group, a, b, c1 - c0, work.adds[1].dtype):
-                entry, adds = work.block(block[1] - block[0])
+            for block in _blocks(group, a, b, c1 - c0, work.blocks):
+                entry, adds = work.block(block[1] - block[0], c1 - c0)
                 rows = _rows(group.boxes[block[0] : block[1]], k0)
                 if isinstance(rows, slice):  # straight into the run
                     adds = (run_index[rows], run_value[rows])
