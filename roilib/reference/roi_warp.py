@@ -90,9 +90,9 @@ _BLOCK_ELEMENTS = 1 << 17
 #: output's, the peak RSS the benchmark compares), and at least _MIN_SOURCE_BYTES
 _SOURCE_FRACTION = 0.5
 _MIN_SOURCE_BYTES = 3 << 19
-#: the backward's channels per pass: its gathered cells and their gradient (two arrays of
-#: this many channels) take at most this fraction of the result's size
-_GRAD_SOURCE_FRACTION = 0.5
+#: the backward's channels per pass: the cells' gradient of one pass takes about this
+#: many bytes, so that ``np.add.at``'s scattered adds mostly hit the cache
+_GRAD_PASS_BYTES = 8 << 20
 #: when the boxes read more than this fraction of the map's cells, the map is copied
 #: channels-last whole (a plain transpose) instead of gathering the cells one by one
 _DENSE_CELLS = 0.5
@@ -242,13 +242,10 @@ def _set_map_cells(grad: np.ndarray, cells, c0: int, c1: int, values: np.ndarray
 
 
 def _channel_passes(c: int, n_cells: int, budget: int, dtype):
-    """Channel ranges ``(c0, c1)`` of about ``budget`` bytes of ``n_cells`` cells each:
-    the channels split evenly, in multiples of 16."""
+    """Channel ranges ``(c0, c1)`` of at most about ``budget`` bytes of ``n_cells`` cells
+    each, in multiples of 16 channels (all of them when they fit)."""
     fit = max(1, budget // max(1, n_cells * np.dtype(dtype).itemsize))
-    if fit >= c:
-        return [(0, c)]
-    passes = -(-c // fit)
-    step = max(16, -(-(-(-c // passes)) // 16) * 16)
+    step = c if fit >= c else max(16, fit - fit % 16)
     return [(c0, min(c, c0 + step)) for c0 in range(0, c, step)]
 
 
@@ -508,7 +505,7 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
         return grad
     groups = _groups(rois, corners, output_size, sampling_ratio, x.shape, dtype)
     cells, groups = _cell_space(groups, n * h * w)
-    budget = max(_MIN_SOURCE_BYTES, int(_GRAD_SOURCE_FRACTION * grad.nbytes) // 2)
+    budget = _GRAD_PASS_BYTES
     tables = [_lookup(group) for group in groups]
     n_cells = _n_cells(cells, x)
     passes = _channel_passes(c, n_cells, budget, dtype)
