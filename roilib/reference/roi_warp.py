@@ -331,14 +331,15 @@ def _winning_taps(values: np.ndarray, best: np.ndarray, group: _Group) -> np.nda
     n = ny * nx
     if n > _TAP_LOOP:
         return _winning_taps_reduced(values, best, group)
-    code = np.zeros(best.shape, dtype=np.uint8)
+    rank = np.min_scalar_type(n).type
+    code = np.zeros(best.shape, dtype=rank)
     hit = np.empty(best.shape, dtype=bool)
     for jy in range(ny):
         rows = _pick(values, 1, group.ys.picks[jy])
         for jx in range(nx):
             np.equal(_pick(rows, 2, group.xs.picks[jx]), best, out=hit)
             # the first hit has the largest n - j
-            np.maximum(code, hit.view(np.uint8) * np.uint8(n - jy * nx - jx), out=code)
+            np.maximum(code, hit.view(np.uint8) * rank(n - jy * nx - jx), out=code)
     return code
 
 
