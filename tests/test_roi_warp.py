@@ -353,8 +353,10 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_every_layout_matches_one_box_at_a_time(rng, monkeypatch, layout, dtype):
+    # (gathered cells: float32 and float64 add into the result directly, float16 into a
+    # float32 gradient of the cells first)
     _force(monkeypatch, **LAYOUTS[layout])
     x = rng.standard_normal((2, 37, 8, 10)).astype(dtype)  # 37 channels: a short last pass
     rois = _edge_boxes(rng, 2, 8, 10, 0.5, n_random=14)

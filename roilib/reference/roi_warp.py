@@ -505,12 +505,21 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
     if rois.shape[0] == 0 or grad.size == 0:
         return grad
     groups = _groups(rois, corners, output_size, sampling_ratio, x.shape, dtype)
+    on_map = [_lookup(group) for group in groups]  # corners as map cells
     cells, groups = _cell_space(groups, n * h * w)
-    budget = _GRAD_PASS_BYTES
-    tables = [_lookup(group) for group in groups]
     n_cells = _n_cells(cells, x)
-    passes = _channel_passes(c, n_cells, budget, dtype)
+    passes = _channel_passes(c, n_cells, _GRAD_PASS_BYTES, dtype)
     work = _Scratch(groups, output_size, passes[0][1] - passes[0][0], dtype)
+    if cells is not None and grad.dtype == dtype:
+        # few cells: the adds go straight into the result (flat (N, C, H, W) positions),
+        # cheaper than a cells' gradient scattered into it afterwards
+        tables = [t._replace(cells=t.cells + t.cells // (h * w) * ((c - 1) * h * w)) for t in on_map]
+        for c0, c1 in passes:
+            src = _map_cells(x, cells, c0, c1, dtype)
+            lanes = np.repeat(np.arange(c0, c1) * (h * w), 4).reshape(-1, 4)
+            _add_all(g, src, groups, tables, rois.shape[0], c0, c1, lanes, work, grad.reshape(-1))
+        return grad
+    tables = on_map
     for c0, c1 in passes:
         src = _map_cells(x, cells, c0, c1, dtype)
         # channels-last, as the map's cells: the adds of one bin land close together
@@ -518,13 +527,18 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
         if c0 == 0 or c1 - c0 != tables[0].channels:
             tables = [table.scaled(c1 - c0) for table in tables]
         lanes = np.repeat(np.arange(c1 - c0), 4).reshape(-1, 4)
-        if len(groups) == 1:
-            _add_group(g, src, groups[0], tables[0], c0, c1, lanes, work, cell_grad.reshape(-1))
-        else:
-            _add_groups(g, src, groups, tables, rois.shape[0], c0, c1, lanes, work, cell_grad.reshape(-1))
+        _add_all(g, src, groups, tables, rois.shape[0], c0, c1, lanes, work, cell_grad.reshape(-1))
         _set_map_cells(grad, cells, c0, c1, cell_grad)
         src = cell_grad = None
     return grad
+
+
+def _add_all(g, src, groups, tables, n_boxes: int, c0: int, c1: int, lanes, work, flat_grad) -> None:
+    """Add the gradient through every box, channels ``c0:c1``, into ``flat_grad``."""
+    if len(groups) == 1:
+        _add_group(g, src, groups[0], tables[0], c0, c1, lanes, work, flat_grad)
+    else:
+        _add_groups(g, src, groups, tables, n_boxes, c0, c1, lanes, work, flat_grad)
 
 
 def _add_group(g, src, group: _Group, table: _Lookup, c0: int, c1: int, lanes, work: _Scratch, flat_grad) -> None:
