@@ -504,22 +504,22 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
     grad = np.zeros(x.shape, dtype=x.dtype)
     if rois.shape[0] == 0 or grad.size == 0:
         return grad
-    groups = _groups(rois, corners, output_size, sampling_ratio, x.shape, dtype)
-    on_map = [_lookup(group) for group in groups]  # corners as map cells
-    cells, groups = _cell_space(groups, n * h * w)
+    on_map = _groups(rois, corners, output_size, sampling_ratio, x.shape, dtype)
+    cells, groups = _cell_space(on_map, n * h * w)
     n_cells = _n_cells(cells, x)
     passes = _channel_passes(c, n_cells, _GRAD_PASS_BYTES, dtype)
     work = _Scratch(groups, output_size, passes[0][1] - passes[0][0], dtype)
     if cells is not None and grad.dtype == dtype:
         # few cells: the adds go straight into the result (flat (N, C, H, W) positions),
         # cheaper than a cells' gradient scattered into it afterwards
-        tables = [t._replace(cells=t.cells + t.cells // (h * w) * ((c - 1) * h * w)) for t in on_map]
+        tables = [_lookup(group) for group in on_map]  # corners as map cells
+        tables = [t._replace(cells=t.cells + t.cells // (h * w) * ((c - 1) * h * w)) for t in tables]
         for c0, c1 in passes:
             src = _map_cells(x, cells, c0, c1, dtype)
             lanes = np.repeat(np.arange(c0, c1) * (h * w), 4).reshape(-1, 4)
             _add_all(g, src, groups, tables, rois.shape[0], c0, c1, lanes, work, grad.reshape(-1))
         return grad
-    tables = on_map
+    tables = [_lookup(group) for group in groups]
     for c0, c1 in passes:
         src = _map_cells(x, cells, c0, c1, dtype)
         # channels-last, as the map's cells: the adds of one bin land close together
