@@ -424,25 +424,20 @@ def _warp(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sam
 
 class _Lookup(NamedTuple):
     """Per box, bin and sample of the bin, the sample's four corners: their flat positions
-    in a channels-last ``(M, channels)`` cells gradient (``cell * channels``) and their
-    weights, ``(K, PH, PW, n, 4)`` each; ``end`` ``(K, PH, PW, 1)``: the flat entry (over
-    ``(K, PH, PW, n)``) one past each bin's."""
+    in a channels-last ``(M, channels)`` gradient of the cells (``cell * channels``) and
+    their weights, ``(K, PH, PW, n, 4)`` each; ``end`` ``(K, PH, PW, 1)``: the flat entry
+    (over ``(K, PH, PW, n)``) one past each bin's."""
 
     cells: np.ndarray
     weights: np.ndarray
     end: np.ndarray
-    channels: int = 1
-
-    def scaled(self, channels: int) -> "_Lookup":
-        """The same for a gradient of ``channels`` channels."""
-        return self._replace(cells=self.cells // self.channels * channels, channels=channels)
 
 
-def _lookup(group: _Group) -> _Lookup:
+def _lookup(group: _Group, channels: int = 1) -> _Lookup:
     k = group.boxes.size
     ph, pw, n = group.tap_samples.shape
     taps = group.tap_samples.reshape(-1)
-    cells = np.stack([np.take(c.reshape(k, -1), taps, axis=1) for c in group.cells], axis=-1)
+    cells = np.stack([np.take(c.reshape(k, -1) * channels, taps, axis=1) for c in group.cells], axis=-1)
     weights = np.stack([np.take(w.reshape(k, -1), taps, axis=1) for w in group.weights], axis=-1)
     end = (np.arange(1, k * ph * pw + 1, dtype=np.intp) * n).reshape(k, ph, pw, 1)
     return _Lookup(cells.reshape(k, ph, pw, n, 4), weights.reshape(k, ph, pw, n, 4), end)
@@ -519,17 +514,21 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
             lanes = np.repeat(np.arange(c0, c1) * (h * w), 4).reshape(-1, 4)
             _add_all(g, src, groups, tables, rois.shape[0], c0, c1, lanes, work, grad.reshape(-1))
         return grad
-    tables = [_lookup(group) for group in groups]
+    tables = {}
+    # one gathered block and one gradient of the cells (channels-last, as the map's cells:
+    # the adds of one bin land close together), their memory reused from pass to pass
+    step = passes[0][1] - passes[0][0]
+    gathered = np.empty(n_cells * step, dtype=dtype) if cells is None else None
+    cell_grad = np.empty(n_cells * step, dtype=dtype)
     for c0, c1 in passes:
-        src = _map_cells(x, cells, c0, c1, dtype)
-        # channels-last, as the map's cells: the adds of one bin land close together
-        cell_grad = np.zeros((n_cells, c1 - c0), dtype=dtype)
-        if c0 == 0 or c1 - c0 != tables[0].channels:
-            tables = [table.scaled(c1 - c0) for table in tables]
+        src = _map_cells(x, cells, c0, c1, dtype, gathered)
+        if c1 - c0 not in tables:
+            tables = {c1 - c0: [_lookup(group, c1 - c0) for group in groups]}
+        pass_grad = cell_grad[: n_cells * (c1 - c0)]
+        pass_grad.fill(0)
         lanes = np.repeat(np.arange(c1 - c0), 4).reshape(-1, 4)
-        _add_all(g, src, groups, tables, rois.shape[0], c0, c1, lanes, work, cell_grad.reshape(-1))
-        _set_map_cells(grad, cells, c0, c1, cell_grad)
-        src = cell_grad = None
+        _add_all(g, src, groups, tables[c1 - c0], rois.shape[0], c0, c1, lanes, work, pass_grad)
+        _set_map_cells(grad, cells, c0, c1, pass_grad.reshape(n_cells, c1 - c0))
     return grad
 
 
