@@ -26,23 +26,27 @@ sums rounded in that order, so it cannot be split into a row pass and a column p
 *sampling*: the samples of a box are the product of its row positions and its column
 positions, and with ``g = 2`` (or any ``g`` whose steps add up to exactly 1) the last
 sample of a bin is the first of the next, so a box has ``(P g + 1)^2`` distinct samples
-instead of ``P^2 (g + 1)^2``. Boxes sharing their step counts are evaluated together:
+instead of ``P^2 (g + 1)^2``. Boxes sharing their step counts are evaluated together,
+a group of channels at a time (no channels-last copy of the whole map at once):
 
-1. the map cells any corner reads are gathered once, channels-last (a group of channels
-   at a time, so no copy of the whole map is made);
+1. the map cells the corners read are made channels-last: the whole map's (a plain
+   transpose) when the boxes read most of it, else only those cells, gathered;
 2. for a block of boxes, the four corners of every distinct sample are gathered from
-   them (``np.take`` of whole channel vectors) and weighed and added, all channels at
-   once; a sample outside the map is NaN;
-3. each bin's maximum is taken over its taps, columns first, then rows (``np.fmax``
+   them (``np.take`` of whole channel vectors), weighed and added, all the pass's
+   channels at once; a sample outside the map is NaN;
+3. each bin's maximum is taken over its samples, columns first, then rows (``np.fmax``
    skips the NaN samples, as the layer's ``>`` does);
-4. the backward finds each bin's winner, the first sample equal to the maximum in the
-   layer's row-major order, and adds ``g w`` into the gathered cells' gradient with one
-   ``np.add.at`` per block, in box, bin and corner order: every pixel receives its adds
+4. the backward finds each bin's winner, its first sample equal to the maximum in the
+   layer's row-major order, and adds ``g w`` to the winner's corners with one
+   ``np.add.at`` per block (into a channels-last gradient of the cells, or with few
+   cells into the result), in box, bin and corner order: every pixel receives its adds
    in the order the kernel's loop makes them, so the sums agree bit for bit.
+
+The box gradient (:func:`roi_warp_rois_backward`) still evaluates one box at a time.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Tuple
+from typing import NamedTuple, Tuple
 
 import numpy as np
 
@@ -265,7 +269,8 @@ class _BlockBuffers(NamedTuple):
 
     @classmethod
     def of(cls, groups, channels: int, dtype, elements: int = _BLOCK_ELEMENTS) -> "_BlockBuffers":
-        n = max(_block_capacity(g, channels, elements) * g.ys.read.shape[1] * g.xs.read.shape[1] for g in groups)
+        n = max(_block_capacity(g, channels, elements) * g.ys.read.shape[1] * g.xs.read.shape[1]
+                for g in groups)
         return cls(np.empty(n, dtype=dtype), np.empty(n, dtype=dtype), elements)
 
 
@@ -395,7 +400,7 @@ def _write(out: np.ndarray, boxes: np.ndarray, c0: int, c1: int, result: np.ndar
         out[rows, c0:c1] = result.transpose(0, 3, 1, 2)
 
 
-def _warp(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sampling_ratio: int) -> np.ndarray:
+def _warp(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sampling_ratio: int):
     """The layer's output ``(K, C, PH, PW)`` in ``x``'s dtype; ``corners`` ``(K, 4)`` on the map."""
     n, c, h, w = x.shape
     dtype = compute_dtype(x.dtype)
@@ -462,26 +467,40 @@ class _Scratch:
         return self.entry[:n].reshape(shape), adds
 
 
-def _corner_adds(g, src, group: _Group, table: _Lookup, block, entry, c0: int, c1: int, lanes, out) -> None:
-    """The four corner adds of each output of a block of boxes, channels ``c0:c1``: their
-    flat positions in the cells' ``(M, c1 - c0)`` gradient and ``g w``, into
-    ``out`` (two ``(K, PH, PW, c1 - c0, 4)`` arrays). For each pixel (cell and channel)
-    that is the order the kernel adds them in: box, bin (row-major), corner.
+class _GradPass(NamedTuple):
+    """One channel pass of the backward: channels ``c0:c1`` of the output gradient ``g``,
+    the map's cells gathered for them (``src``), and the flat gradient the adds go to, at
+    a lookup's position plus the channel's offset (``lanes``, ``(c1 - c0, 4)``)."""
+
+    g: np.ndarray
+    src: np.ndarray
+    c0: int
+    c1: int
+    lanes: np.ndarray
+    flat_grad: np.ndarray
+    work: _Scratch
+
+
+def _corner_adds(p: _GradPass, group: _Group, table: _Lookup, block, entry, out) -> None:
+    """The four corner adds of each output of a block of boxes: their flat positions and
+    ``g w``, into ``out`` (two ``(K, PH, PW, c1 - c0, 4)`` arrays). For each pixel (cell
+    and channel) that is the order the kernel adds them in: box, bin (row-major), corner.
 
     ``block`` is ``(a, b, values, scratch)`` from :func:`_blocks`, ``entry`` a
-    ``(K, PH, PW, c1 - c0)`` array, ``lanes`` ``(c1 - c0, 4)``: each channel's offset."""
+    ``(K, PH, PW, c1 - c0)`` scratch array."""
     a, b, values, scratch = block
     t = values.dtype.type
-    values = _sample_values(src, group, a, b, values, scratch)
+    values = _sample_values(p.src, group, a, b, values, scratch)
     best = _bin_max(values, group)
     # the lookup entry of each output's winning sample: one past its bin's, minus (n - j)
     np.subtract(table.end[a:b], _winning_taps(values, best, group), out=entry)
-    gk = np.ascontiguousarray(g[_rows(group.boxes[a:b]), c0:c1].transpose(0, 2, 3, 1), dtype=values.dtype)
+    gk = p.g[_rows(group.boxes[a:b]), p.c0 : p.c1].transpose(0, 2, 3, 1)
+    gk = np.ascontiguousarray(gk, dtype=values.dtype)
     if not best.min() > t(WARP_FLOOR):  # an output with no winner routes nothing: + 0 adds
         gk[~(best > t(WARP_FLOOR))] = 0
     index, value = out
     np.take(table.cells.reshape(-1, 4), entry, axis=0, out=index, mode="clip")
-    index += lanes
+    index += p.lanes
     np.take(table.weights.reshape(-1, 4), entry, axis=0, out=value, mode="clip")
     value *= np.repeat(gk, 4).reshape(value.shape)
 
@@ -491,8 +510,9 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
 
     Each output's gradient goes to its winning sample's four corners, ``g w`` each, added
     in the kernel's order for every pixel: box, then bin (row-major), then corner. The
-    adds of a block of boxes go to one ``np.add.at`` call on a channels-last gradient of
-    the gathered cells; boxes of different step counts are put back in box order first.
+    adds of a block of boxes go to one ``np.add.at`` call, on a channels-last gradient of
+    the gathered cells (or, with few cells, on the result itself); boxes of different
+    step counts are put back in box order first.
     """
     n, c, h, w = x.shape
     dtype = compute_dtype(x.dtype)
@@ -510,9 +530,9 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
         tables = [_lookup(group) for group in on_map]  # corners as map cells
         tables = [t._replace(cells=t.cells + t.cells // (h * w) * ((c - 1) * h * w)) for t in tables]
         for c0, c1 in passes:
-            src = _map_cells(x, cells, c0, c1, dtype)
             lanes = np.repeat(np.arange(c0, c1) * (h * w), 4).reshape(-1, 4)
-            _add_all(g, src, groups, tables, rois.shape[0], c0, c1, lanes, work, grad.reshape(-1))
+            src = _map_cells(x, cells, c0, c1, dtype)
+            _add_all(_GradPass(g, src, c0, c1, lanes, grad.reshape(-1), work), groups, tables)
         return grad
     tables = {}
     # one gathered block and one gradient of the cells (channels-last, as the map's cells:
@@ -521,51 +541,42 @@ def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sa
     gathered = np.empty(n_cells * step, dtype=dtype) if cells is None else None
     cell_grad = np.empty(n_cells * step, dtype=dtype)
     for c0, c1 in passes:
-        src = _map_cells(x, cells, c0, c1, dtype, gathered)
         if c1 - c0 not in tables:
             tables = {c1 - c0: [_lookup(group, c1 - c0) for group in groups]}
+        lanes = np.repeat(np.arange(c1 - c0), 4).reshape(-1, 4)
+        src = _map_cells(x, cells, c0, c1, dtype, gathered)
         pass_grad = cell_grad[: n_cells * (c1 - c0)]
         pass_grad.fill(0)
-        lanes = np.repeat(np.arange(c1 - c0), 4).reshape(-1, 4)
-        _add_all(g, src, groups, tables[c1 - c0], rois.shape[0], c0, c1, lanes, work, pass_grad)
+        _add_all(_GradPass(g, src, c0, c1, lanes, pass_grad, work), groups, tables[c1 - c0])
         _set_map_cells(grad, cells, c0, c1, pass_grad.reshape(n_cells, c1 - c0))
     return grad
 
 
-def _add_all(g, src, groups, tables, n_boxes: int, c0: int, c1: int, lanes, work, flat_grad) -> None:
-    """Add the gradient through every box, channels ``c0:c1``, into ``flat_grad``."""
+def _add_all(p: _GradPass, groups, tables) -> None:
+    """Add the gradient through every box, in box order, one ``np.add.at`` per block of
+    boxes (one group) or per run of :data:`_GRAD_BOXES` boxes (several groups)."""
     if len(groups) == 1:
-        _add_group(g, src, groups[0], tables[0], c0, c1, lanes, work, flat_grad)
-    else:
-        _add_groups(g, src, groups, tables, n_boxes, c0, c1, lanes, work, flat_grad)
-
-
-def _add_group(g, src, group: _Group, table: _Lookup, c0: int, c1: int, lanes, work: _Scratch, flat_grad) -> None:
-    """Add the gradient through every box of one group, a block (one ``np.add.at``) at a time."""
-    for block in _blocks(group, 0, group.boxes.size, c1 - c0, work.blocks):
-        entry, adds = work.block(block[1] - block[0], c1 - c0)
-        _corner_adds(g, src, group, table, block, entry, c0, c1, lanes, adds)
-        np.add.at(flat_grad, adds[0].reshape(-1), adds[1].reshape(-1))
-
-
-def _add_groups(g, src, groups, tables, n_boxes: int, c0: int, c1: int, lanes, work: _Scratch, flat_grad) -> None:
-    """:func:`_add_group` for boxes of several groups: runs of boxes in box order, each
-    run's adds gathered from the groups and put back in box order before ``np.add.at``."""
-    shape = (min(n_boxes, _GRAD_BOXES),) + work.output_size + (c1 - c0, 4)
-    run_index, run_value = np.empty(shape, dtype=np.intp), np.empty(shape, dtype=work.adds[1].dtype)
+        for block in _blocks(groups[0], 0, groups[0].boxes.size, p.c1 - p.c0, p.work.blocks):
+            entry, adds = p.work.block(block[1] - block[0], p.c1 - p.c0)
+            _corner_adds(p, groups[0], tables[0], block, entry, adds)
+            np.add.at(p.flat_grad, adds[0].reshape(-1), adds[1].reshape(-1))
+        return
+    n_boxes = max(int(group.boxes[-1]) for group in groups) + 1
+    shape = (min(n_boxes, _GRAD_BOXES),) + p.work.output_size + (p.c1 - p.c0, 4)
+    run_index, run_value = np.empty(shape, dtype=np.intp), np.empty(shape, dtype=p.src.dtype)
     for k0 in range(0, n_boxes, _GRAD_BOXES):
         k1 = min(n_boxes, k0 + _GRAD_BOXES)
         for group, table in zip(groups, tables):
             a, b = np.searchsorted(group.boxes, [k0, k1]).tolist()
-            for block in _blocks(group, a, b, c1 - c0, work.blocks):
-                entry, adds = work.block(block[1] - block[0], c1 - c0)
+            for block in _blocks(group, a, b, p.c1 - p.c0, p.work.blocks):
+                entry, adds = p.work.block(block[1] - block[0], p.c1 - p.c0)
                 rows = _rows(group.boxes[block[0] : block[1]], k0)
                 if isinstance(rows, slice):  # straight into the run
                     adds = (run_index[rows], run_value[rows])
-                _corner_adds(g, src, group, table, block, entry, c0, c1, lanes, adds)
+                _corner_adds(p, group, table, block, entry, adds)
                 if not isinstance(rows, slice):
                     run_index[rows], run_value[rows] = adds
-        np.add.at(flat_grad, run_index[: k1 - k0].reshape(-1), run_value[: k1 - k0].reshape(-1))
+        np.add.at(p.flat_grad, run_index[: k1 - k0].reshape(-1), run_value[: k1 - k0].reshape(-1))
 
 
 # -- one box at a time: the box gradient ---------------------------------------------
@@ -586,10 +597,11 @@ class _Box(NamedTuple):
     out: np.ndarray  # (PH, PW, C)
 
 
-def _boxes(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sampling_ratio) -> Iterator[_Box]:
+def _boxes(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sampling_ratio):
     """Evaluate every box, one at a time, on the channels-last map ``x`` (``(N, H, W, C)``);
     ``corners`` are ``(K, 4)`` ``[x1, y1, x2, y2]`` on the map (rounded by the public
-    functions). The box gradient's path; :func:`_warp` is the forward's."""
+    functions). Yields a :class:`_Box` per box. The box gradient's path; :func:`_warp`
+    is the forward's."""
     _, height, width, channels = x.shape
     ph, pw = output_size
     dtype = x.dtype
