@@ -101,7 +101,7 @@ _GRAD_PASS_BYTES = 8 << 20
 #: channels-last whole (a plain transpose) instead of gathering the cells one by one
 _DENSE_CELLS = 0.5
 #: boxes per ``np.add.at`` call of the backward when boxes of several step counts mix
-_GRAD_BOXES = 64
+_GRAD_BOXES = 256
 #: bins with at most this many samples find their winner sample by sample; more, with
 #: reductions over a gathered (bin, sample) array
 _TAP_LOOP = 16
