@@ -92,7 +92,7 @@ _BLOCK_ELEMENTS = 1 << 17
 #: the forward gathers the map's cells for this many bytes' worth of channels at a time:
 #: at most this fraction of the output's size (memory stays a small multiple of the
 #: output's, the peak RSS the benchmark compares), and at least _MIN_SOURCE_BYTES
-_SOURCE_FRACTION = 0.5
+_SOURCE_FRACTION = 0.25
 _MIN_SOURCE_BYTES = 3 << 19
 #: the backward's channels per pass: the cells' gradient of one pass takes about this
 #: many bytes, so that ``np.add.at``'s scattered adds mostly hit the cache
