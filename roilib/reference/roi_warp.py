@@ -94,6 +94,8 @@ _BLOCK_ELEMENTS = 1 << 17
 #: output's, the peak RSS the benchmark compares), and at least _MIN_SOURCE_BYTES
 _SOURCE_FRACTION = 0.25
 _MIN_SOURCE_BYTES = 3 << 19
+#: the forward's blocks hold at most this fraction of the output's number of values
+_BLOCK_FRACTION = 0.5
 #: the backward's channels per pass: the cells' gradient of one pass takes about this
 #: many bytes, so that ``np.add.at``'s scattered adds mostly hit the cache
 _GRAD_PASS_BYTES = 8 << 20
@@ -412,9 +414,9 @@ def _warp(x: np.ndarray, rois: np.ndarray, corners: np.ndarray, output_size, sam
     budget = max(_MIN_SOURCE_BYTES, int(_SOURCE_FRACTION * out.nbytes))
     passes = _channel_passes(c, _n_cells(cells, x), budget, dtype)
     buffer = np.empty(n * h * w * (passes[0][1] - passes[0][0]), dtype) if cells is None else None
-    # blocks (two buffers) of at most a quarter of the output's size: a few boxes on a
-    # large map stay within a small multiple of the output's memory, as many boxes do
-    elements = min(_BLOCK_ELEMENTS, max(1 << 14, out.size // 4))
+    # blocks (two buffers) of at most _BLOCK_FRACTION of the output's size: a few boxes on
+    # a large map stay within a small multiple of the output's memory, as many boxes do
+    elements = min(_BLOCK_ELEMENTS, max(1 << 14, int(_BLOCK_FRACTION * out.size)))
     blocks = _BlockBuffers.of(groups, passes[0][1] - passes[0][0], dtype, elements)
     src = None
     for c0, c1 in passes:
