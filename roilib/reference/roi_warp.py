@@ -94,13 +94,14 @@ _BLOCK_ELEMENTS = 1 << 17
 #: output's, the peak RSS the benchmark compares), and at least _MIN_SOURCE_BYTES
 _SOURCE_FRACTION = 0.25
 _MIN_SOURCE_BYTES = 3 << 19
-#: the forward's blocks hold at most this fraction of the output's number of values
+#: each of the forward's two block buffers holds at most this fraction of the output's
+#: number of values (and at least 2**14)
 _BLOCK_FRACTION = 0.5
 #: the backward's channels per pass: the cells' gradient of one pass takes about this
 #: many bytes, so that ``np.add.at``'s scattered adds mostly hit the cache
 _GRAD_PASS_BYTES = 8 << 20
-#: when the boxes read more than this fraction of the map's cells, the map is copied
-#: channels-last whole (a plain transpose) instead of gathering the cells one by one
+#: when the boxes read more than this fraction of the map's cells, each channel pass
+#: copies the whole map channels-last (a plain transpose) instead of gathering the cells
 _DENSE_CELLS = 0.5
 #: boxes per ``np.add.at`` call of the backward when boxes of several step counts mix
 _GRAD_BOXES = 256
