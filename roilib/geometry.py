@@ -47,6 +47,8 @@ __all__ = [
     "bilinear_corners",
     "interpolation_matrix",
     "WarpAxis",
+    "warp_bins",
+    "warp_steps",
     "warp_axis",
     "CONVENTIONS",
     "read_region",
@@ -634,6 +636,71 @@ class WarpAxis:
     flat: bool
 
 
+def warp_bins(starts, ends, n_bins: int, sampling_ratio: int = -1, dtype=np.float64):
+    """MNC's bin size and steps per bin for boxes ``[start, end]`` on one axis, vectorised.
+
+    ``roi = max(end - start, 0)`` (no ``+ 1``), ``bin = roi / P``, and ``g = ceil(roi / P)``
+    (capped at :data:`WARP_GRID_CAP`) or ``sampling_ratio`` when it is positive.
+
+    Parameters
+    ----------
+    starts, ends : ndarray, shape (K,)
+        The boxes' (rounded) corners on this axis, in feature-map pixels.
+    n_bins : int
+        ``P``.
+    sampling_ratio : int
+        ``<= 0``: MNC's adaptive ``g``; otherwise ``g`` itself.
+    dtype : numpy dtype
+        Arithmetic dtype.
+
+    Returns
+    -------
+    bin_size : ndarray (K,) of ``dtype``
+    grid : ndarray (K,) of int64
+        ``g``: steps per bin.
+    flat : ndarray (K,) of bool
+        The box has no extent on this axis (``end <= start``).
+    """
+    t = np.dtype(dtype).type
+    length = np.asarray(ends, dtype=dtype) - np.asarray(starts, dtype=dtype)
+    flat = ~(length > t(0))
+    roi = np.where(flat, t(0), length)
+    bin_size = roi / t(n_bins)
+    if sampling_ratio > 0:
+        grid = np.full(bin_size.shape, int(sampling_ratio), dtype=np.int64)
+    else:
+        grid = np.minimum(np.ceil(roi / t(n_bins)), WARP_GRID_CAP).astype(np.int64)
+    return bin_size, grid, flat
+
+
+def warp_steps(n_bins: int, grid: int, dtype=np.float64) -> Tuple[np.ndarray, np.ndarray]:
+    """MNC's sample positions in bin units, the same for every box with ``g`` steps.
+
+    Bin ``p`` is walked from ``f = p`` in steps of ``1 / g`` (computed in double and
+    stored in ``dtype``, as the C++ layer does), added one by one in ``dtype`` while
+    ``f <= p + 1``; ``g == 0`` gives the single sample ``f = p``.
+
+    Returns
+    -------
+    frac : ndarray, shape (P, g + 1)
+        ``f`` of sample ``j`` of bin ``p``.
+    present : ndarray of bool, shape (P, g + 1)
+        ``f <= p + 1``: the sample exists (accumulated rounding can drop the last one).
+    """
+    t = np.dtype(dtype).type
+    step = t(1.0 / grid) if grid > 0 else None
+    p = np.arange(n_bins, dtype=dtype)
+    f = p.copy()
+    fracs, present = [], []
+    for _ in range(grid + 1):
+        fracs.append(f)
+        present.append(f <= p + t(1))
+        if step is None:
+            break
+        f = f + step
+    return np.stack(fracs, axis=1), np.stack(present, axis=1)
+
+
 def warp_axis(start, end, n_bins: int, sampling_ratio: int = -1, dtype=np.float64) -> WarpAxis:
     """Sample positions of MNC's RoI warping layer along one axis of one box.
 
@@ -642,7 +709,7 @@ def warp_axis(start, end, n_bins: int, sampling_ratio: int = -1, dtype=np.float6
     ``g = ceil(roi / P)``, and walks each bin from its start to its end *inclusive*:
     ``f = p, p + 1/g, p + 2/g, ...`` while ``f <= p + 1``, reading the map at
     ``start + f * bin``. The steps are added one by one in ``dtype``, as the layer's loop
-    does, so float32 rounding decides the same way.
+    does, so float32 rounding decides the same way (:func:`warp_bins`, :func:`warp_steps`).
 
     Parameters
     ----------
@@ -660,29 +727,10 @@ def warp_axis(start, end, n_bins: int, sampling_ratio: int = -1, dtype=np.float6
     WarpAxis
     """
     t = np.dtype(dtype).type
-    length = t(end) - t(start)
-    flat = not length > t(0)
-    roi = t(0) if flat else length
-    bin_size = roi / t(n_bins)
-    if sampling_ratio > 0:
-        grid = int(sampling_ratio)
-    else:
-        grid = int(min(np.ceil(roi / t(n_bins)), WARP_GRID_CAP))
-    # 1 / g is computed in double and then stored in dtype, as the C++ layer does
-    step = t(1.0 / grid) if grid > 0 else None
-    p = np.arange(n_bins, dtype=dtype)
-    f = p.copy()
-    fracs, present = [], []
-    for _ in range(grid + 1):
-        fracs.append(f)
-        present.append(f <= p + t(1))
-        if step is None:
-            break
-        f = f + step
-    frac = np.stack(fracs, axis=1)
-    mask = np.stack(present, axis=1)
-    coord = t(start) + frac * bin_size
-    return WarpAxis(coord, frac, mask, grid, flat)
+    bin_size, grid, flat = warp_bins([t(start)], [t(end)], n_bins, sampling_ratio, dtype)
+    frac, present = warp_steps(n_bins, int(grid[0]), dtype)
+    coord = t(start) + frac * bin_size[0]
+    return WarpAxis(coord, frac, present, int(grid[0]), bool(flat[0]))
 
 
 #: ``read_region``'s conventions: where pixel ``i``'s value sits on the map's axis

@@ -7,6 +7,7 @@ roilib's vectorised reference and of its kernels. It keeps the layer's own float
 behaviour: the steps ``1 / ceil(roi / P)`` are added one at a time in the layer's
 float type.
 """
+import importlib
 import math
 
 import numpy as np
@@ -14,7 +15,10 @@ import pytest
 
 import roilib
 import roilib.reference as ref
+from roilib.reference._layout import channels_last
 from roilib.reference.roi_warp import warp_at_corners
+
+from helpers import random_boxes
 
 FLT_MAX = 3.4028234663852886e38
 
@@ -230,3 +234,206 @@ def test_kernels_on_the_cpu_match_bitwise():
             np.testing.assert_array_equal(got, expected)
         box = cpu.roi_warp_rois_backward(g, x, rois, (3, 4), 1.0)
         np.testing.assert_allclose(box, ref.roi_warp_rois_backward(g, x, rois, (3, 4), 1.0), rtol=1e-5, atol=1e-5)
+
+
+# -- the vectorised evaluation (issue 13) against the one-box-at-a-time formulation --------
+#
+# roi_warp and roi_warp_backward evaluate many boxes at once (distinct sample positions,
+# gathered map cells, blocks, channel passes, one np.add.at per block); the box gradient
+# still walks the boxes one at a time (_boxes). Below, that per-box path and the scatter
+# the reference used before (output order: box, channel, bin row, bin column, corner)
+# are the oracle: forward and input gradient must agree with them bit for bit, in every
+# layout the vectorised code can choose.
+
+rw = importlib.import_module("roilib.reference.roi_warp")
+
+
+def one_box_at_a_time(x, rois, pooled, scale, sampling_ratio):
+    """(forward, backward(g)) of the per-box formulation."""
+    xl = channels_last(x)
+    n, c, h, w = x.shape
+    corners = rw.rounded_corners(rois, scale, xl.dtype)
+    boxes = list(rw._boxes(xl, rois, corners, pooled, sampling_ratio))
+    out = np.zeros((len(rois), c) + pooled, dtype=x.dtype)
+    for box in boxes:
+        out[box.k] = box.out.transpose(2, 0, 1)
+
+    def winner(box, axis):  # flat index into a (P, n) field of the winning sample
+        p = box.out.shape[axis]
+        if axis == 0:
+            return np.arange(p)[:, None, None] * (box.ys.grid + 1) + np.maximum(box.win_y, 0)
+        return np.arange(p)[None, :, None] * (box.xs.grid + 1) + np.maximum(box.win_x, 0)
+
+    def backward(g):
+        grad = np.zeros(n * c * h * w, dtype=xl.dtype)
+        chan = np.arange(c)[None, None, :, None]
+        for box in boxes:
+            py, px = winner(box, 0), winner(box, 1)
+            ylo, yhi, wly, why = (a.take(py) for a in (box.ty.lo, box.ty.hi, box.ty.wlo, box.ty.whi))
+            xlo, xhi, wlx, whx = (a.take(px) for a in (box.tx.lo, box.tx.hi, box.tx.wlo, box.tx.whi))
+            gk = g[box.k].transpose(1, 2, 0).astype(xl.dtype)
+            rows = np.stack([ylo, ylo, yhi, yhi], axis=-1)
+            cols = np.stack([xlo, xhi, xlo, xhi], axis=-1)
+            adds = np.stack([gk * (wly * wlx), gk * (wly * whx), gk * (why * wlx), gk * (why * whx)], axis=-1)
+            flat = ((box.image * c + chan) * h + rows) * w + cols
+            won = np.broadcast_to((box.win_y >= 0)[..., None], flat.shape)
+            order = (2, 0, 1, 3)  # (C, PH, PW, corner)
+            keep = np.transpose(won, order)
+            np.add.at(grad, np.transpose(flat, order)[keep], np.transpose(adds, order)[keep])
+        return grad.reshape(x.shape).astype(x.dtype)
+
+    return out, backward
+
+
+def assert_bitwise(got, expected):
+    """Equal, dtype and sign of zero included (NaN equal to NaN)."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(expected))
+
+
+def check_against_one_box_at_a_time(x, rois, pooled, scale, sampling_ratio, seed=0):
+    out = roilib.roi_warp(x, rois, pooled, scale, sampling_ratio)
+    expected, backward = one_box_at_a_time(x, rois, pooled, scale, sampling_ratio)
+    assert_bitwise(out, expected)
+    g = np.random.default_rng(seed).standard_normal(out.shape).astype(x.dtype)
+    assert_bitwise(roilib.roi_warp_backward(g, x, rois, pooled, scale, sampling_ratio), backward(g))
+
+
+def _edge_boxes(rng, n_images, height, width, scale, n_random=10):
+    """Boxes off the map, across its border, tiny, flat, inverted, huge, on the last
+    pixel, any batch index, then random ones; in image pixels."""
+    h, w = height, width
+    fixed = [
+        [0, 1.3, 2.2, 8.7, 9.1],
+        [n_images - 1, -3.0, -2.0, w + 4.0, h + 3.0],  # covers the map and more
+        [0, w + 2.0, 1.0, w + 6.0, 5.0],  # right of the map
+        [n_images - 1, -8.0, -6.0, -1.5, -1.2],  # above and left of the map
+        [0, 4.0, 4.0, 4.2, 4.1],  # tiny
+        [n_images - 1, 5.0, 3.0, 5.0, 3.0],  # zero size
+        [0, 6.0, 7.0, 2.0, 1.0],  # inverted
+        [n_images - 1, w - 1.2, h - 1.1, w - 0.2, h - 0.3],  # last pixel
+        [0, -0.5, -0.5, w - 0.5, h - 0.5],  # half a cell outside
+        [n_images - 1, -60.0, -40.0, 3 * w, 3 * h],  # huge: many samples skipped
+    ]
+    random = random_boxes(rng, n_random, n_images, h, w, 1.0, margin=2)
+    rois = np.concatenate([np.array(fixed, dtype=np.float64), random])
+    rois[:, 1:] /= scale
+    return rois
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("sampling_ratio", [-1, 1, 2, 3])
+@pytest.mark.parametrize("pooled,scale", [((3, 4), 1.0), ((2, 2), 0.5), ((5, 3), 0.7)])
+def test_vectorised_warp_matches_one_box_at_a_time(rng, dtype, sampling_ratio, pooled, scale):
+    x = rng.standard_normal((2, 5, 9, 11)).astype(dtype)
+    rois = _edge_boxes(rng, 2, 9, 11, scale)
+    check_against_one_box_at_a_time(x, rois, pooled, scale, sampling_ratio)
+
+
+def _force(monkeypatch, **values):
+    for name, value in values.items():
+        monkeypatch.setattr(rw, name, value)
+
+
+# every layout choice of the vectorised code, forced one way and the other
+LAYOUTS = {
+    "whole map, one pass, big blocks": dict(_DENSE_CELLS=-1.0),
+    "gathered cells, one pass": dict(_DENSE_CELLS=2.0),
+    "whole map, passes of 16 channels, one box per block": dict(
+        _DENSE_CELLS=-1.0, _SOURCE_FRACTION=0.0, _MIN_SOURCE_BYTES=1, _GRAD_PASS_BYTES=1, _BLOCK_ELEMENTS=1
+    ),
+    "gathered cells, passes of 16 channels, small blocks and runs": dict(
+        _DENSE_CELLS=2.0, _SOURCE_FRACTION=0.0, _MIN_SOURCE_BYTES=1, _GRAD_PASS_BYTES=1, _BLOCK_ELEMENTS=2000,
+        _GRAD_BOXES=3,
+    ),
+    "winners by reductions": dict(_TAP_LOOP=0),
+    "winners tap by tap": dict(_TAP_LOOP=10**6),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_every_layout_matches_one_box_at_a_time(rng, monkeypatch, layout, dtype):
+    # (gathered cells: float32 and float64 add into the result directly, float16 into a
+    # float32 gradient of the cells first)
+    _force(monkeypatch, **LAYOUTS[layout])
+    x = rng.standard_normal((2, 37, 8, 10)).astype(dtype)  # 37 channels: a short last pass
+    rois = _edge_boxes(rng, 2, 8, 10, 0.5, n_random=14)
+    for sampling_ratio in (-1, 2, 4):  # 4: bins of 25 samples
+        check_against_one_box_at_a_time(x, rois, (3, 2), 0.5, sampling_ratio)
+
+
+def test_boxes_of_many_step_counts_keep_the_box_order_of_the_adds(rng, monkeypatch):
+    # adaptive steps: neighbouring boxes have different step counts, so each run of boxes
+    # mixes groups whose boxes interleave; overlapping boxes add to the same pixels, and
+    # the sums must come out in box order anyway (integer-valued map: many equal maxima)
+    _force(monkeypatch, _GRAD_BOXES=5)
+    x = rng.integers(-2, 3, (1, 3, 12, 14)).astype(np.float32)
+    x1, y1 = rng.uniform(0, 6, 40), rng.uniform(0, 5, 40)
+    size = rng.uniform(0.5, 8, 40)
+    rois = np.stack([np.zeros(40), x1, y1, x1 + size, y1 + size * 0.8], axis=1)
+    check_against_one_box_at_a_time(x, rois, (2, 3), 1.0, -1)
+    check_against_one_box_at_a_time(x, rois, (2, 3), 1.0, 3)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+def test_signed_zeros_nan_and_infinities(rng):
+    # +0 and -0 tie: the first in the layer's order is the output; NaN samples never win;
+    # an infinite gradient on a bin with no winner routes nothing
+    x = rng.choice(np.array([0.0, -0.0, 1.0, -1.0, np.nan, -np.inf], dtype=np.float32), (2, 4, 7, 9))
+    x[:, 0] = rng.choice(np.array([0.0, -0.0], dtype=np.float32), (2, 7, 9))
+    rois = _edge_boxes(rng, 2, 7, 9, 1.0)
+    out = roilib.roi_warp(x, rois, (3, 3), 1.0, 2)
+    expected, backward = one_box_at_a_time(x, rois, (3, 3), 1.0, 2)
+    assert_bitwise(out, expected)
+    assert np.signbit(out[:, 0]).any() and (out[:, 0] == 0).all()
+    g = rng.choice(np.array([1.0, -2.0, np.inf], dtype=np.float32), out.shape)
+    # (-)inf times a zero weight is NaN, in both
+    assert_bitwise(roilib.roi_warp_backward(g, x, rois, (3, 3), 1.0, 2), backward(g))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_no_boxes_and_no_channels(dtype):
+    x = np.ones((2, 3, 5, 6), dtype=dtype)
+    none = np.zeros((0, 5), dtype=dtype)
+    assert roilib.roi_warp(x, none, (2, 3), 0.5).shape == (0, 3, 2, 3)
+    grad = roilib.roi_warp_backward(np.zeros((0, 3, 2, 3), dtype), x, none, (2, 3), 0.5)
+    assert grad.shape == x.shape and grad.dtype == x.dtype and not grad.any()
+    empty = np.ones((1, 0, 5, 6), dtype=dtype)
+    box = np.array([[0, 1, 1, 4, 4]], dtype=dtype)
+    assert roilib.roi_warp(empty, box, 2).shape == (1, 0, 2, 2)
+    assert roilib.roi_warp_backward(np.zeros((1, 0, 2, 2), dtype), empty, box, 2).shape == empty.shape
+
+
+def test_float16_is_computed_in_float32(rng):
+    x16 = rng.standard_normal((2, 3, 9, 11)).astype(np.float16)
+    rois = _edge_boxes(rng, 2, 9, 11, 0.5)
+    out = roilib.roi_warp(x16, rois, (3, 3), 0.5, 2)
+    expected = roilib.roi_warp(x16.astype(np.float32), rois, (3, 3), 0.5, 2)
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, expected.astype(np.float16))
+    g = rng.standard_normal(out.shape).astype(np.float16)
+    grad = roilib.roi_warp_backward(g, x16, rois, (3, 3), 0.5, 2)
+    expected = roilib.roi_warp_backward(g.astype(np.float32), x16.astype(np.float32), rois, (3, 3), 0.5, 2)
+    assert grad.dtype == np.float16
+    np.testing.assert_array_equal(grad, expected.astype(np.float16))
+
+
+def test_warp_steps_and_bins_are_warp_axis(rng):
+    # the vectorised geometry (warp_bins for many boxes, warp_steps once per step count)
+    # gives warp_axis's positions box by box
+    from roilib.geometry import warp_axis, warp_bins, warp_steps
+
+    for dtype in (np.float32, np.float64):
+        starts = np.round(rng.uniform(-5, 30, 50)).astype(dtype)
+        ends = starts + np.round(rng.uniform(-3, 60, 50)).astype(dtype)
+        for n_bins, ratio in ((7, 2), (3, -1), (5, 3), (1, -1)):
+            bin_size, grid, flat = warp_bins(starts, ends, n_bins, ratio, dtype)
+            for k in range(50):
+                axis = warp_axis(starts[k], ends[k], n_bins, ratio, dtype)
+                frac, present = warp_steps(n_bins, int(grid[k]), dtype)
+                assert axis.grid == grid[k] and axis.flat == flat[k]
+                np.testing.assert_array_equal(axis.frac, frac)
+                np.testing.assert_array_equal(axis.present, present)
+                np.testing.assert_array_equal(axis.coord, starts[k] + frac * bin_size[k])
