@@ -294,11 +294,13 @@ def _forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
     x = input.reshape(n, out_channels, -1)  # a view: channel c * PH*PW + b is plane b of row c
     plan = _plan(rects)
     out = np.zeros((rects.image.size, out_channels, ph * pw), dtype=input.dtype)
-    buffer = np.empty(min(CHUNK, out_channels * int(rects.area.sum())), dtype=input.dtype)
+    buffer = np.empty(0, dtype=input.dtype)
     for batch in _batches(plan, out_channels):
         where = _pixel_positions(plan, batch)
-        # in range by construction: mode "wrap" only selects NumPy's faster loop
+        if buffer.size < out_channels * where.size:  # once, or for a rectangle above CHUNK
+            buffer = np.empty(max(CHUNK, out_channels * where.size), dtype=input.dtype)
         values = buffer[: out_channels * where.size].reshape(out_channels, where.size)
+        # in range by construction: mode "wrap" only selects NumPy's faster loop
         x[batch[0][0].image].take(where, axis=1, mode="wrap", out=values)
         at = 0
         for run, a, b in batch:
@@ -331,7 +333,7 @@ def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.n
     target = grad.reshape(n, out_channels, -1)
     plan = _plan(rects)
     # each rectangle's gradient, (C_out, K * PH*PW); PS-RoIPool's over its area
-    g = np.ascontiguousarray(grad_output.reshape(k, out_channels, ph * pw).transpose(1, 0, 2), dtype=dtype)
+    g = np.array(grad_output.reshape(k, out_channels, ph * pw).transpose(1, 0, 2), dtype=dtype, order="C")
     if rects.row_weight is None:
         g /= np.maximum(rects.area, 1).reshape(k, ph * pw).astype(dtype)
     g = g.reshape(out_channels, -1)
