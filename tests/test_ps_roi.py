@@ -213,14 +213,30 @@ def test_ps_roi_align_matches_a_loop_over_samples(dtype, sampling_ratio, rng):
     np.testing.assert_allclose(grad, expected, rtol=0, atol=LOOP_TOL[dtype])
 
 
-def test_ps_roi_pool_sums_a_bin_in_torchvisions_order():
-    """float32: the pixels of a bin added one after another in float32, then / area."""
-    x = (np.random.default_rng(3).standard_normal((1, 4, 9, 9)) * 1e3).astype(np.float32)
-    out = roilib.ps_roi_pool(x, np.array([[0, 0.0, 0.0, 8.0, 8.0]]), 2)
-    total = np.float32(0)
-    for v in x[0, 0, 0:4, 0:4].ravel():  # bin (0, 0) of a box 8 pixels wide: [0, 4) x [0, 4)
-        total = np.float32(total + v)
-    assert out[0, 0, 0, 0] == total / np.float32(16)
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_ps_roi_pool_sums_a_bin_in_torchvisions_order(chunk, rng, monkeypatch):
+    """float32: each bin's pixels added one after another in float32, then / area, for
+    bins of every size, however the rectangles are batched."""
+    from roilib.reference import ps_roi
+
+    if chunk:
+        monkeypatch.setattr(ps_roi, "CHUNK", chunk)
+    x = (rng.standard_normal((1, 8, 20, 20)) * 1e3).astype(np.float32)
+    rois = np.array([[0, 0.0, 0.0, 19.0, 19.0], [0, 2.0, 3.0, 9.0, 5.0], [0, 1.0, 1.0, 4.0, 13.0]])
+    out = roilib.ps_roi_pool(x, rois, 2)
+    bins = ps_roi_pool_bins(rois, (2, 2), 1.0, 20, 20, np.float32)
+    ch = ps_channel(2, (2, 2))
+    for k in range(len(rois)):
+        for i in range(2):
+            for j in range(2):
+                rows = range(bins.hstart[k, i], bins.hend[k, i])
+                cols = range(bins.wstart[k, j], bins.wend[k, j])
+                for c in range(2):
+                    total = np.float32(0)
+                    for r in rows:
+                        for col in cols:
+                            total = np.float32(total + x[0, ch[c, i, j], r, col])
+                    assert out[k, c, i, j] == total / np.float32(len(rows) * len(cols))
 
 
 @pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align"])

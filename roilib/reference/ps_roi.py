@@ -42,7 +42,8 @@ from .. import _validate as v
 from ..family import ps_roi_pool_bins
 from ..geometry import axis_samples, roi_align_boxes
 
-#: most elements (channels x pixels) one gather or scatter handles: bounds the temporaries
+#: most elements (channels x pixels) one gather handles, and a fourth of the pixels one
+#: scatter handles: bounds the temporaries
 CHUNK = 1 << 16
 
 
@@ -205,6 +206,8 @@ class _Plan:
         Their top-left pixels in an image's ``(C_out, PH * PW * H * W)`` view:
         ``b * H * W + row * W + col``.
     runs : list of _Run
+    row_index, col_index : ndarray of int64, shape (M,), or None
+        PS-RoIAlign: their columns in ``row_weight`` (``k * PH + ph``) and ``col_weight``.
     """
 
     order: np.ndarray
@@ -212,6 +215,8 @@ class _Plan:
     bin: np.ndarray
     pos: np.ndarray
     runs: list
+    row_index: Optional[np.ndarray] = None
+    col_index: Optional[np.ndarray] = None
 
 
 def _plan(rects: _Rects) -> _Plan:
@@ -227,65 +232,91 @@ def _plan(rects: _Rects) -> _Plan:
     key = key[order]
     shape_key, pos = np.divmod(key, span)
     grid = np.arange(nr)[:, None] * w + np.arange(nc)  # offsets of every shape
-    cuts = (np.flatnonzero(np.diff(shape_key)) + 1).tolist()
+    starts = np.flatnonzero(np.diff(shape_key, prepend=-1)).tolist()
     runs = []
-    for a, b in zip([0] + cuts, cuts + [order.size]) if order.size else ():
-        image, r, c = np.unravel_index(int(shape_key[a]), (rects.image.max() + 1, nr, nc))
+    for a, b, key in zip(starts, starts[1:] + [order.size], shape_key[starts].tolist()):
+        image, r, c = key // (nr * nc), key // nc % nr, key % nc
         if r and c:
-            runs.append(_Run(a, b, int(image), int(r), int(c), grid[:r, :c].ravel()))
+            runs.append(_Run(a, b, image, r, c, grid[:r, :c].ravel()))
     box, bins = np.divmod(order, ph * pw)
-    return _Plan(order, box, bins, pos, runs)
+    if rects.row_weight is None:
+        return _Plan(order, box, bins, pos, runs)
+    ph_, pw_ = np.divmod(bins, pw)
+    return _Plan(order, box, bins, pos, runs, box * ph + ph_, box * pw + pw_)
 
 
-def _batches(plan: _Plan, per_pixel: int, limit: int = CHUNK):
-    """Lists of ``(run, a, b)`` pieces (sorted rectangles ``[a, b)`` of ``run``), one image
-    and at most ``limit`` elements (``per_pixel`` a pixel) per list; a larger run is split."""
-    batch, size = [], 0
+@dataclass(frozen=True)
+class _Batch:
+    """Sorted rectangles ``[start, end)`` of one image, as ``(run, a, b)`` pieces (and
+    empty rectangles between runs, which belong to no piece)."""
+
+    image: int
+    start: int
+    end: int
+    pieces: list
+    pixels: int
+
+
+def _batches(plan: _Plan, per_pixel: int, limit: int):
+    """Consecutive pieces of runs, one image and at most ``limit`` elements (``per_pixel``
+    a pixel) a batch; a run above the limit is split (a rectangle never is)."""
+    pieces, size = [], 0
     for run in plan.runs:
-        per = per_pixel * run.offsets.size
-        step = max(1, limit // per)
+        per = run.offsets.size
+        step = max(1, limit // (per_pixel * per))
         for a in range(run.start, run.end, step):
             b = min(a + step, run.end)
-            if batch and (size + per * (b - a) > limit or batch[0][0].image != run.image):
-                yield batch
-                batch, size = [], 0
-            batch.append((run, a, b))
+            if pieces and ((size + per * (b - a)) * per_pixel > limit or pieces[0][0].image != run.image):
+                yield _Batch(pieces[0][0].image, pieces[0][1], pieces[-1][2], pieces, size)
+                pieces, size = [], 0
+            pieces.append((run, a, b))
             size += per * (b - a)
-    if batch:
-        yield batch
+    if pieces:
+        yield _Batch(pieces[0][0].image, pieces[0][1], pieces[-1][2], pieces, size)
 
 
-def _pixel_weights(rects: _Rects, plan: _Plan, run: _Run, a: int, b: int) -> np.ndarray:
-    """Weights ``(rows * cols, b - a)`` of the pixels of sorted rectangles ``[a, b)``
-    (PS-RoIAlign): row weight times column weight."""
-    ph, pw = rects.output_size
-    k, bins = plan.box[a:b], plan.bin[a:b]
-    wy = rects.row_weight[: run.rows, k * ph + bins // pw]  # (rows, b - a)
-    wx = rects.col_weight[: run.cols, k * pw + bins % pw]  # (cols, b - a)
-    return (wy[:, None, :] * wx[None, :, :]).reshape(run.offsets.size, b - a)
-
-
-def _pixel_positions(plan: _Plan, batch) -> np.ndarray:
-    """Positions of every pixel of a batch's rectangles: each piece ``(rows * cols, b - a)``
-    (pixel-major), flattened and concatenated."""
-    sizes = [run.offsets.size * (b - a) for run, a, b in batch]
-    where = np.empty(sum(sizes), dtype=np.int64)
+def _pixels(rects: _Rects, plan: _Plan, batch: _Batch, dtype, rect_of_pixel: bool = False):
+    """Every pixel of a batch's rectangles, piece after piece, each piece ``(rows * cols,
+    b - a)`` (pixel-major): its position, its weight (PS-RoIAlign; else None) and, if
+    asked, its rectangle ``m`` (else None)."""
+    where = np.empty(batch.pixels, dtype=np.int64)
+    weight = None if rects.row_weight is None else np.empty(batch.pixels, dtype=dtype)
+    rect = np.empty(batch.pixels, dtype=np.int64) if rect_of_pixel else None
     at = 0
-    for (run, a, b), size in zip(batch, sizes):
-        np.add(plan.pos[a:b], run.offsets[:, None], out=where[at : at + size].reshape(run.offsets.size, b - a))
+    for run, a, b in batch.pieces:
+        shape, size = (run.offsets.size, b - a), run.offsets.size * (b - a)
+        np.add(plan.pos[a:b], run.offsets[:, None], out=where[at : at + size].reshape(shape))
+        if weight is not None:
+            wy = rects.row_weight[: run.rows, plan.row_index[a:b]]  # (rows, b - a)
+            wx = rects.col_weight[: run.cols, plan.col_index[a:b]]  # (cols, b - a)
+            np.multiply(wy[:, None, :], wx[None, :, :], out=weight[at : at + size].reshape(run.rows, run.cols, b - a))
+        if rect is not None:
+            rect[at : at + size].reshape(shape)[...] = plan.order[a:b]
         at += size
-    return where
+    return where, weight, rect
 
 
 # -- forward: gather and sum ---------------------------------------------------------
 
 
+def _sum_pixels(part: np.ndarray, out: np.ndarray) -> None:
+    """``out = part.sum(axis=1)`` for ``(C, pixels, rectangles)``, one pixel after another
+    (torchvision's order, whatever the batch)."""
+    if part.shape[2] > 1 or part.shape[1] < 3:
+        np.add.reduce(part, axis=1, out=out)  # rectangles innermost: a sequence of additions
+    else:  # a lone rectangle: NumPy would sum its contiguous pixels pairwise
+        out[...] = part[:, 0]
+        for p in range(1, part.shape[1]):
+            out += part[:, p]
+
+
 def _forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
     """Every rectangle's weighted sum (PS-RoIPool: mean) -> ``(K, C_out, PH, PW)``.
 
-    A batch of rectangles is one gather into a reused buffer, then a sum per piece written
-    straight to the output. No temporary as large as the output: fresh arrays of a few
-    MiB cost more in page faults than in arithmetic.
+    A batch is one gather into a reused buffer, one multiplication by the pixels' weights
+    (PS-RoIAlign), a sum over each piece's pixels and one write to the output. No
+    temporary is as large as the output: fresh arrays of a few MiB cost more in page
+    faults than in arithmetic.
     """
     n = input.shape[0]
     ph, pw = rects.output_size
@@ -295,23 +326,28 @@ def _forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
     plan = _plan(rects)
     out = np.zeros((rects.image.size, out_channels, ph * pw), dtype=input.dtype)
     buffer = np.empty(0, dtype=input.dtype)
-    for batch in _batches(plan, out_channels):
-        where = _pixel_positions(plan, batch)
+    if rects.row_weight is None:
+        area = np.maximum(rects.area.ravel()[plan.order], 1).astype(dtype)
+    for batch in _batches(plan, out_channels, CHUNK):
+        where, weight, _ = _pixels(rects, plan, batch, dtype)
         if buffer.size < out_channels * where.size:  # once, or for a rectangle above CHUNK
             buffer = np.empty(max(CHUNK, out_channels * where.size), dtype=input.dtype)
         values = buffer[: out_channels * where.size].reshape(out_channels, where.size)
         # in range by construction: mode "wrap" only selects NumPy's faster loop
-        x[batch[0][0].image].take(where, axis=1, mode="wrap", out=values)
+        x[batch.image].take(where, axis=1, mode="wrap", out=values)
+        values = values.astype(dtype, copy=False)
+        if weight is not None:
+            values *= weight
+        sums = np.zeros((out_channels, batch.end - batch.start), dtype=dtype)  # 0: empty bins between runs
         at = 0
-        for run, a, b in batch:
-            part = values[:, at : at + run.offsets.size * (b - a)].reshape(out_channels, run.offsets.size, b - a)
-            at += part.shape[1] * part.shape[2]
-            if rects.row_weight is None:
-                sums = np.add.reduce(part, axis=1, dtype=dtype)  # the pixels in turn, as torchvision,
-                sums /= dtype.type(run.offsets.size)  # then / area
-            else:
-                sums = np.einsum("cpj,pj->cj", part.astype(dtype, copy=False), _pixel_weights(rects, plan, run, a, b))
-            out[plan.box[a:b], :, plan.bin[a:b]] = sums.T
+        for run, a, b in batch.pieces:
+            size = run.offsets.size * (b - a)
+            part = values[:, at : at + size].reshape(out_channels, run.offsets.size, b - a)
+            _sum_pixels(part, sums[:, a - batch.start : b - batch.start])
+            at += size
+        if weight is None:
+            sums /= area[batch.start : batch.end]  # PS-RoIPool: then / area, as torchvision
+        out[plan.box[batch.start : batch.end], :, plan.bin[batch.start : batch.end]] = sums.T
     return out.reshape(-1, out_channels, ph, pw)
 
 
@@ -332,19 +368,14 @@ def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.n
     grad = np.zeros(input.shape, dtype=dtype)  # pages no rectangle touches are never written
     target = grad.reshape(n, out_channels, -1)
     plan = _plan(rects)
-    # each rectangle's gradient, (C_out, K * PH*PW); PS-RoIPool's over its area
+    # each rectangle's gradient, (C_out, K * PH*PW) (a copy); PS-RoIPool's over its area
     g = np.array(grad_output.reshape(k, out_channels, ph * pw).transpose(1, 0, 2), dtype=dtype, order="C")
     if rects.row_weight is None:
         g /= np.maximum(rects.area, 1).reshape(k, ph * pw).astype(dtype)
     g = g.reshape(out_channels, -1)
     for batch in _batches(plan, 1, 4 * CHUNK):
-        where = _pixel_positions(plan, batch)
-        rect = np.concatenate([np.broadcast_to(plan.order[a:b], (run.offsets.size, b - a)).ravel()
-                               for run, a, b in batch])
-        weight = None
-        if rects.row_weight is not None:
-            weight = np.concatenate([_pixel_weights(rects, plan, run, a, b).ravel() for run, a, b in batch])
-        plane = target[batch[0][0].image]
+        where, weight, rect = _pixels(rects, plan, batch, dtype, rect_of_pixel=True)
+        plane = target[batch.image]
         for channel in range(out_channels):
             values = g[channel].take(rect, mode="wrap")
             if weight is not None:
