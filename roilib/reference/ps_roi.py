@@ -198,51 +198,59 @@ class _Plan:
 
     Attributes
     ----------
-    order : ndarray of int64, shape (M,)
-        Rectangle ``m = k * PH * PW + b`` of each sorted rectangle.
     box, bin : ndarray of int64, shape (M,)
-        ``divmod(order, PH * PW)``.
+        Box ``k`` and bin ``b = ph * PW + pw`` of each sorted rectangle.
     pos : ndarray of int64, shape (M,)
         Their top-left pixels in an image's ``(C_out, PH * PW * H * W)`` view:
         ``b * H * W + row * W + col``.
+    area : ndarray of int64, shape (M,)
+        Their pixel counts (0: empty).
     runs : list of _Run
     row_index, col_index : ndarray of int64, shape (M,), or None
         PS-RoIAlign: their columns in ``row_weight`` (``k * PH + ph``) and ``col_weight``.
     """
 
-    order: np.ndarray
     box: np.ndarray
     bin: np.ndarray
     pos: np.ndarray
+    area: np.ndarray
     runs: list
     row_index: Optional[np.ndarray] = None
     col_index: Optional[np.ndarray] = None
 
 
 def _plan(rects: _Rects) -> _Plan:
-    """Sort the rectangles (see :class:`_Plan`)."""
+    """Sort the rectangles (see :class:`_Plan`).
+
+    The keys are built bin-major, ``(PH, PW, K)``: whole-array operations along the boxes
+    rather than loops over a last axis of ``PW``; integer divisions are by scalars only.
+    """
     (ph, pw), h, w = rects.output_size, rects.height, rects.width
+    k = rects.image.size
     span = ph * pw * h * w
     nr, nc = int(rects.rows.max(initial=0)) + 1, int(rects.cols.max(initial=0)) + 1
-    plane = np.arange(ph * pw, dtype=np.int64).reshape(ph, pw) * (h * w)
-    pos = plane + (rects.row0 * w)[:, :, None] + rects.col0[:, None, :]
-    shape_key = (rects.image[:, None, None] * nr + rects.rows[:, :, None]) * nc + rects.cols[:, None, :]
-    key = (shape_key * span + pos).ravel()
-    order = np.argsort(key)
-    key = key[order]
-    shape_key, pos = np.divmod(key, span)
+    row0, rows = np.ascontiguousarray(rects.row0.T), np.ascontiguousarray(rects.rows.T)  # (PH, K)
+    col0, cols = np.ascontiguousarray(rects.col0.T), np.ascontiguousarray(rects.cols.T)  # (PW, K)
+    plane = (np.arange(ph * pw, dtype=np.int64) * (h * w)).reshape(ph, pw, 1)
+    pos = (plane + (row0 * w)[:, None, :] + col0[None, :, :]).ravel()
+    shape = ((rects.image * (nr * nc) + rows * nc)[:, None, :] + cols[None, :, :]).ravel()
+    order = np.argsort(shape * span + pos)  # bin-major: b * K + k
+    shape, pos = shape[order], pos[order]
+    area = (rows[:, None, :] * cols[None, :, :]).ravel()[order]
     grid = np.arange(nr)[:, None] * w + np.arange(nc)  # offsets of every shape
-    starts = np.flatnonzero(np.diff(shape_key, prepend=-1)).tolist()
+    counts = np.bincount(shape)
+    keys = np.flatnonzero(counts)
+    ends = np.cumsum(counts[keys]).tolist()
     runs = []
-    for a, b, key in zip(starts, starts[1:] + [order.size], shape_key[starts].tolist()):
+    for a, b, key in zip([0] + ends[:-1], ends, keys.tolist()):
         image, r, c = key // (nr * nc), key // nc % nr, key % nc
         if r and c:
             runs.append(_Run(a, b, image, r, c, grid[:r, :c].ravel()))
-    box, bins = np.divmod(order, ph * pw)
+    bins = order // k
+    box = order - bins * k
     if rects.row_weight is None:
-        return _Plan(order, box, bins, pos, runs)
-    ph_, pw_ = np.divmod(bins, pw)
-    return _Plan(order, box, bins, pos, runs, box * ph + ph_, box * pw + pw_)
+        return _Plan(box, bins, pos, area, runs)
+    return _Plan(box, bins, pos, area, runs, box * ph + bins // pw, box * pw + bins % pw)
 
 
 @dataclass(frozen=True)
@@ -278,7 +286,7 @@ def _batches(plan: _Plan, per_pixel: int, limit: int):
 def _pixels(rects: _Rects, plan: _Plan, batch: _Batch, dtype, rect_of_pixel: bool = False):
     """Every pixel of a batch's rectangles, piece after piece, each piece ``(rows * cols,
     b - a)`` (pixel-major): its position, its weight (PS-RoIAlign; else None) and, if
-    asked, its rectangle ``m`` (else None)."""
+    asked, its rectangle's index in the plan (else None)."""
     where = np.empty(batch.pixels, dtype=np.int64)
     weight = None if rects.row_weight is None else np.empty(batch.pixels, dtype=dtype)
     rect = np.empty(batch.pixels, dtype=np.int64) if rect_of_pixel else None
@@ -291,7 +299,7 @@ def _pixels(rects: _Rects, plan: _Plan, batch: _Batch, dtype, rect_of_pixel: boo
             wx = rects.col_weight[: run.cols, plan.col_index[a:b]]  # (cols, b - a)
             np.multiply(wy[:, None, :], wx[None, :, :], out=weight[at : at + size].reshape(run.rows, run.cols, b - a))
         if rect is not None:
-            rect[at : at + size].reshape(shape)[...] = plan.order[a:b]
+            rect[at : at + size].reshape(shape)[...] = np.arange(a, b)
         at += size
     return where, weight, rect
 
@@ -327,7 +335,7 @@ def _forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
     out = np.zeros((rects.image.size, out_channels, ph * pw), dtype=input.dtype)
     buffer = np.empty(0, dtype=input.dtype)
     if rects.row_weight is None:
-        area = np.maximum(rects.area.ravel()[plan.order], 1).astype(dtype)
+        area = np.maximum(plan.area, 1).astype(dtype)
     for batch in _batches(plan, out_channels, CHUNK):
         where, weight, _ = _pixels(rects, plan, batch, dtype)
         if buffer.size < out_channels * where.size:  # once, or for a rectangle above CHUNK
@@ -368,11 +376,11 @@ def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.n
     grad = np.zeros(input.shape, dtype=dtype)  # pages no rectangle touches are never written
     target = grad.reshape(n, out_channels, -1)
     plan = _plan(rects)
-    # each rectangle's gradient, (C_out, K * PH*PW) (a copy); PS-RoIPool's over its area
+    # each sorted rectangle's gradient, (C_out, M); PS-RoIPool's over its area
     g = np.array(grad_output.reshape(k, out_channels, ph * pw).transpose(1, 0, 2), dtype=dtype, order="C")
+    g = g.reshape(out_channels, -1).take(plan.box * (ph * pw) + plan.bin, axis=1)
     if rects.row_weight is None:
-        g /= np.maximum(rects.area, 1).reshape(k, ph * pw).astype(dtype)
-    g = g.reshape(out_channels, -1)
+        g /= np.maximum(plan.area, 1).astype(dtype)
     for batch in _batches(plan, 1, 4 * CHUNK):
         where, weight, rect = _pixels(rects, plan, batch, dtype, rect_of_pixel=True)
         plane = target[batch.image]
