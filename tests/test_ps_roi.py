@@ -138,9 +138,10 @@ def _loop_ps_roi_pool(x, rois, size, scale, g=None):
                 if he <= hs or we <= ws:
                     continue
                 cin, img = ch[:, i, j], int(rois[k, 0])
-                out[k, :, i, j] = x[img, cin, hs:he, ws:we].astype(np.float64).sum(axis=(1, 2)) / ((he - hs) * (we - ws))
+                area = (he - hs) * (we - ws)
+                out[k, :, i, j] = x[img, cin, hs:he, ws:we].astype(np.float64).sum(axis=(1, 2)) / area
                 if g is not None:
-                    grad[img, cin, hs:he, ws:we] += g[k, :, i, j, None, None] / ((he - hs) * (we - ws))
+                    grad[img, cin, hs:he, ws:we] += g[k, :, i, j, None, None] / area
     return out if g is None else grad
 
 
@@ -264,8 +265,8 @@ def test_backward_adds_up_boxes_that_cover_the_same_pixels(op, rng):
     g = rng.standard_normal((1, 2, 2, 2))
     bwd = getattr(roilib, op + "_backward")
     once = bwd(g, x, box, 2, 1.0)
-    np.testing.assert_allclose(bwd(np.repeat(g, 20, axis=0), x, np.repeat(box, 20, axis=0), 2, 1.0), 20 * once,
-                               rtol=1e-12, atol=1e-12)
+    twenty = bwd(np.repeat(g, 20, axis=0), x, np.repeat(box, 20, axis=0), 2, 1.0)
+    np.testing.assert_allclose(twenty, 20 * once, rtol=1e-12, atol=1e-12)
     assert not once[0].any() and once[1].any()  # batch index 1: image 0 untouched
 
 
@@ -304,7 +305,8 @@ def test_no_boxes_in_either_direction(op):
 def test_a_strided_input_gives_the_same_result(op, rng):
     x, rois = _ps_case(rng)
     strided = np.asfortranarray(x)
-    np.testing.assert_array_equal(getattr(roilib, op)(strided, rois, (3, 2), 0.5), getattr(roilib, op)(x, rois, (3, 2), 0.5))
+    fwd = getattr(roilib, op)
+    np.testing.assert_array_equal(fwd(strided, rois, (3, 2), 0.5), fwd(x, rois, (3, 2), 0.5))
 
 
 # -- bad inputs ---------------------------------------------------------------------------

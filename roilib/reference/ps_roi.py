@@ -14,12 +14,15 @@ rectangle of one plane, in the same place for all ``C_out`` channels.
   weighing the sum of its samples' 1-D bilinear weights; the weight of a pixel is the
   product of its row's and its column's, over the sample count.
 
-The ops never copy the map. The rectangles are sorted by (image, rows, columns) and, within
-that, by position; each run of equal shape is one gather ``(C_out, rows * cols, boxes)``
-(pixels of a rectangle in row-major order, so a bin's pixels are summed in torchvision's
-order) and a sum over its middle axis, for all the boxes at once. The backward is the
-transpose: every pixel of every rectangle receives its weight times the bin's gradient,
-one channel at a time with ``np.add.at`` (rectangles of different boxes overlap).
+The ops never copy the map. The rectangles are sorted by (image, rows, columns, position)
+(:func:`_plan`): a run of one shape has the same pixel offsets for every rectangle, and
+its positions sweep the map in order. The runs are cut into batches of at most
+:data:`CHUNK` gathered elements; a batch is one gather ``(C_out, pixels)`` in which each
+piece of a run is laid pixel-major ``(rows * cols, rectangles)``, one multiplication by
+the pixels' weights (PS-RoIAlign), a sum over each piece's pixels, one pixel after
+another (torchvision's order), and one write to the output. The backward is the
+transpose: every pixel receives its weight times its rectangle's gradient, added one
+channel at a time with ``np.add.at`` (rectangles of different boxes overlap).
 
 Two places where roilib returns the mathematically consistent value and torchvision's
 CPU op does not (documented in the API page and tested against its fixture):
@@ -94,11 +97,6 @@ class _Rects:
     @property
     def output_size(self) -> Tuple[int, int]:
         return self.rows.shape[1], self.cols.shape[1]
-
-    @property
-    def area(self) -> np.ndarray:
-        """Pixels of every rectangle, ``(K, PH, PW)``."""
-        return self.rows[:, :, None] * self.cols[:, None, :]
 
 
 def _pool_rects(rois, output_size, spatial_scale, height, width, dtype) -> _Rects:
@@ -297,7 +295,8 @@ def _pixels(rects: _Rects, plan: _Plan, batch: _Batch, dtype, rect_of_pixel: boo
         if weight is not None:
             wy = rects.row_weight[: run.rows, plan.row_index[a:b]]  # (rows, b - a)
             wx = rects.col_weight[: run.cols, plan.col_index[a:b]]  # (cols, b - a)
-            np.multiply(wy[:, None, :], wx[None, :, :], out=weight[at : at + size].reshape(run.rows, run.cols, b - a))
+            dest = weight[at : at + size].reshape(run.rows, run.cols, b - a)
+            np.multiply(wy[:, None, :], wx[None, :, :], out=dest)
         if rect is not None:
             rect[at : at + size].reshape(shape)[...] = np.arange(a, b)
         at += size
@@ -346,7 +345,7 @@ def _forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
         values = values.astype(dtype, copy=False)
         if weight is not None:
             values *= weight
-        sums = np.zeros((out_channels, batch.end - batch.start), dtype=dtype)  # 0: empty bins between runs
+        sums = np.zeros((out_channels, batch.end - batch.start), dtype=dtype)  # 0: empty bins
         at = 0
         for run, a, b in batch.pieces:
             size = run.offsets.size * (b - a)
