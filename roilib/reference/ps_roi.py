@@ -198,6 +198,8 @@ class _Plan:
     ----------
     box, bin : ndarray of int64, shape (M,)
         Box ``k`` and bin ``b = ph * PW + pw`` of each sorted rectangle.
+    index : ndarray of int64, shape (M,)
+        ``k * PH * PW + b``: its place in a ``(K, PH * PW)`` array.
     pos : ndarray of int64, shape (M,)
         Their top-left pixels in an image's ``(C_out, PH * PW * H * W)`` view:
         ``b * H * W + row * W + col``.
@@ -210,6 +212,7 @@ class _Plan:
 
     box: np.ndarray
     bin: np.ndarray
+    index: np.ndarray
     pos: np.ndarray
     area: np.ndarray
     runs: list
@@ -246,9 +249,10 @@ def _plan(rects: _Rects) -> _Plan:
             runs.append(_Run(a, b, image, r, c, grid[:r, :c].ravel()))
     bins = order // k
     box = order - bins * k
+    index = box * (ph * pw) + bins
     if rects.row_weight is None:
-        return _Plan(box, bins, pos, area, runs)
-    return _Plan(box, bins, pos, area, runs, box * ph + bins // pw, box * pw + bins % pw)
+        return _Plan(box, bins, index, pos, area, runs)
+    return _Plan(box, bins, index, pos, area, runs, box * ph + bins // pw, box * pw + bins % pw)
 
 
 @dataclass(frozen=True)
@@ -284,7 +288,7 @@ def _batches(plan: _Plan, per_pixel: int, limit: int):
 def _pixels(rects: _Rects, plan: _Plan, batch: _Batch, dtype, rect_of_pixel: bool = False):
     """Every pixel of a batch's rectangles, piece after piece, each piece ``(rows * cols,
     b - a)`` (pixel-major): its position, its weight (PS-RoIAlign; else None) and, if
-    asked, its rectangle's index in the plan (else None)."""
+    asked, its rectangle's ``k * PH * PW + b`` (else None)."""
     where = np.empty(batch.pixels, dtype=np.int64)
     weight = None if rects.row_weight is None else np.empty(batch.pixels, dtype=dtype)
     rect = np.empty(batch.pixels, dtype=np.int64) if rect_of_pixel else None
@@ -298,7 +302,7 @@ def _pixels(rects: _Rects, plan: _Plan, batch: _Batch, dtype, rect_of_pixel: boo
             dest = weight[at : at + size].reshape(run.rows, run.cols, b - a)
             np.multiply(wy[:, None, :], wx[None, :, :], out=dest)
         if rect is not None:
-            rect[at : at + size].reshape(shape)[...] = np.arange(a, b)
+            rect[at : at + size].reshape(shape)[...] = plan.index[a:b]
         at += size
     return where, weight, rect
 
@@ -375,11 +379,11 @@ def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.n
     grad = np.zeros(input.shape, dtype=dtype)  # pages no rectangle touches are never written
     target = grad.reshape(n, out_channels, -1)
     plan = _plan(rects)
-    # each sorted rectangle's gradient, (C_out, M); PS-RoIPool's over its area
+    # each rectangle's gradient, (C_out, K * PH*PW) (a copy); PS-RoIPool's over its area
     g = np.array(grad_output.reshape(k, out_channels, ph * pw).transpose(1, 0, 2), dtype=dtype, order="C")
-    g = g.reshape(out_channels, -1).take(plan.box * (ph * pw) + plan.bin, axis=1)
     if rects.row_weight is None:
-        g /= np.maximum(plan.area, 1).astype(dtype)
+        g /= np.maximum(rects.rows[:, :, None] * rects.cols[:, None, :], 1).reshape(k, ph * pw).astype(dtype)
+    g = g.reshape(out_channels, -1)
     for batch in _batches(plan, 1, 4 * CHUNK):
         where, weight, rect = _pixels(rects, plan, batch, dtype, rect_of_pixel=True)
         plane = target[batch.image]
