@@ -309,6 +309,25 @@ def test_a_strided_input_gives_the_same_result(op, rng):
     np.testing.assert_array_equal(fwd(strided, rois, (3, 2), 0.5), fwd(x, rois, (3, 2), 0.5))
 
 
+# -- the benchmark's R-FCN rows ------------------------------------------------------------
+
+
+def test_bench_ps_rows_take_the_tables_number_of_boxes(monkeypatch):
+    """``python -m roilib.bench`` measures the ps rows at every number of boxes of the
+    table (715 and 16 by default), on R-FCN's map."""
+    from roilib import bench
+
+    monkeypatch.setattr(bench, "_measure", lambda spec, threads: dict(spec))
+    rows = bench.run_cpu(1, 1, (715, 16), only="ps_")
+    assert [(r["op"], r["boxes"], r["pass_"]) for r in rows] == [
+        (op, n, p) for n in (715, 16) for op in ("ps_roi_align", "ps_roi_pool") for p in ("forward", "backward")
+    ]
+    for op in ("ps_roi_pool", "ps_roi_align"):
+        kwargs = next(c[2] for c in bench.CASES if c[1] == op)
+        out = bench._runner("roilib", op, kwargs, False, 5, 0, None)()
+        assert out.shape == (5, bench.RFCN_CLASSES, 7, 7)
+
+
 # -- bad inputs ---------------------------------------------------------------------------
 
 
