@@ -376,7 +376,7 @@ def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.n
     ph, pw = rects.output_size
     k, out_channels = grad_output.shape[:2]
     dtype = v.compute_dtype(input.dtype)
-    grad = np.zeros(input.shape, dtype=dtype)  # pages no rectangle touches are never written
+    grad = np.zeros(input.shape, dtype=dtype)  # in the compute dtype (float16: cast at the end)
     target = grad.reshape(n, out_channels, -1)
     plan = _plan(rects)
     # each rectangle's gradient, (C_out, K * PH*PW) (a copy); PS-RoIPool's over its area
