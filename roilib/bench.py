@@ -12,7 +12,11 @@ the input), each against its nearest torchvision peer:
   bilinear work per bin;
 * ``spp`` (levels 4, 2, 1, max): ``torch.nn.functional.adaptive_max_pool2d`` per level,
   flattened and concatenated (its bins are SPP-net's ``[floor(i a/n), ceil((i+1) a/n))``).
-  SPP pools the whole map, so the number of boxes does not apply to it.
+  SPP pools the whole map, so the number of boxes does not apply to it;
+* ``ps_roi_align`` (``sampling_ratio=2``) and ``ps_roi_pool``: R-FCN's score maps (21 classes x
+  7 x 7 channels, ``1 x 1029 x 50 x 68``, ``spatial_scale = 1/16``), the same numbers of boxes in
+  the same image, against ``torchvision.ops.ps_roi_align`` / ``ps_roi_pool``;
+* ``multiscale_roi_align``: FPN's P2-P5, a fixed 1000 boxes (printed with the first block).
 
 Each measurement runs in a fresh worker process so that its peak memory can be read on
 its own: the worker builds the inputs, resets the kernel's resident-set high-water mark
@@ -168,8 +172,10 @@ def _torch_peer(op: str, kwargs: dict, rois):
 
 def _runner(impl: str, op: str, kwargs: dict, backward: bool, boxes: int, channels: int, map_hw):
     """A zero-argument callable doing one measured call."""
-    if op in _FAMILY_RUNNERS:  # FPN and R-FCN rows: their own fixed workloads
+    if op in _FAMILY_RUNNERS:  # FPN rows: a fixed workload of their own
         return _FAMILY_RUNNERS[op](impl, kwargs, backward)
+    if op in _PS_RUNNERS:  # R-FCN rows: their own map, this row's number of boxes
+        return _PS_RUNNERS[op](impl, kwargs, backward, boxes)
     x, rois, g = _inputs(op, boxes, channels, map_hw)
     if impl == "roilib":
         return _roilib_runner(op, kwargs, backward, x, rois, g)
@@ -297,8 +303,9 @@ def _row(case: int, backward: bool, boxes: int, channels: int, map_hw, repeat: i
 def run_cpu(repeat: int, threads: int, box_counts=BOX_COUNTS, only: Optional[str] = None) -> List[dict]:
     """Measure every case on the CPU for each number of boxes; return the table rows.
 
-    SPP does not take boxes and the FPN/R-FCN rows have workloads of their own: they
-    are measured once, in the first block. ``only``: just the cases whose label holds it.
+    SPP does not take boxes and the FPN rows have a workload of their own: they are
+    measured once, in the first block. The R-FCN rows have their own map but this
+    block's number of boxes. ``only``: just the cases whose label holds it.
     """
     peers = _peers()
     channels, map_hw = MAP_SHAPE[1], MAP_SHAPE[2:]
@@ -462,16 +469,16 @@ def main(argv=None) -> int:
 FPN_STRIDES = (4, 8, 16, 32)
 FPN_CHANNELS = 256
 FPN_BOXES = 1000
-#: R-FCN's score maps: 21 classes x 7 x 7 channels at stride 16, 300 boxes, 7 x 7
+#: R-FCN's score maps: 21 classes x 7 x 7 channels at stride 16 (the table's boxes), 7 x 7
 RFCN_CLASSES = 21
-RFCN_BOXES = 300
 RFCN_SCALE = 1 / 16
+RFCN_MAP = (1, RFCN_CLASSES * OUTPUT_SIZE * OUTPUT_SIZE, IMAGE_HW[0] // 16, IMAGE_HW[1] // 16)
 
 FAMILY_WORKLOADS = (
     f"multiscale rows: P2-P5 (strides {'/'.join(map(str, FPN_STRIDES))}) of {IMAGE_HW[0]}x{IMAGE_HW[1]}, "
     f"{FPN_CHANNELS} channels, {FPN_BOXES} boxes, 7x7, sampling_ratio 2, vs torchvision.ops.MultiScaleRoIAlign\n"
-    f"ps rows: 1x{RFCN_CLASSES * 49}x{IMAGE_HW[0] // 16}x{IMAGE_HW[1] // 16} ({RFCN_CLASSES} classes x 7x7), "
-    f"{RFCN_BOXES} boxes, 7x7, scale 1/16"
+    f"ps rows: {'x'.join(map(str, RFCN_MAP))} float32 ({RFCN_CLASSES} classes x {OUTPUT_SIZE}x{OUTPUT_SIZE} "
+    f"score maps), the table's boxes in the same image, {OUTPUT_SIZE}x{OUTPUT_SIZE}, scale 1/16"
 )
 
 CASES += [
@@ -537,14 +544,15 @@ def _multiscale_runner(impl: str, kwargs: dict, backward: bool):
 
 
 def _ps_runner(op: str):
-    def runner(impl: str, kwargs: dict, backward: bool):
+    """``runner(impl, kwargs, backward, boxes)`` for an R-FCN row (:data:`RFCN_MAP`)."""
+
+    def runner(impl: str, kwargs: dict, backward: bool, boxes: int):
         import numpy as np
 
         rng = np.random.default_rng(SEED)
-        h, w = IMAGE_HW[0] // 16, IMAGE_HW[1] // 16
-        x = rng.standard_normal((1, RFCN_CLASSES * OUTPUT_SIZE * OUTPUT_SIZE, h, w), dtype=np.float32)
-        rois = benchmark_boxes(RFCN_BOXES)
-        g = rng.standard_normal((RFCN_BOXES, RFCN_CLASSES, OUTPUT_SIZE, OUTPUT_SIZE), dtype=np.float32)
+        x = rng.standard_normal(RFCN_MAP, dtype=np.float32)
+        rois = benchmark_boxes(boxes)
+        g = rng.standard_normal((boxes, RFCN_CLASSES, OUTPUT_SIZE, OUTPUT_SIZE), dtype=np.float32)
         if impl == "roilib":
             import roilib
 
@@ -580,11 +588,8 @@ def _ps_runner(op: str):
     return runner
 
 
-_FAMILY_RUNNERS = {
-    "multiscale_roi_align": _multiscale_runner,
-    "ps_roi_align": _ps_runner("ps_roi_align"),
-    "ps_roi_pool": _ps_runner("ps_roi_pool"),
-}
+_FAMILY_RUNNERS = {"multiscale_roi_align": _multiscale_runner}
+_PS_RUNNERS = {op: _ps_runner(op) for op in ("ps_roi_align", "ps_roi_pool")}
 
 
 if __name__ == "__main__":

@@ -117,6 +117,217 @@ def test_float32_close_to_float64(rng):
         np.testing.assert_allclose(op(x.astype(np.float32), rois, (3, 2), 0.5), op(x, rois, (3, 2), 0.5), atol=2e-6)
 
 
+# -- the vectorised reference against direct loops ----------------------------------------
+#
+# The reference gathers every (box, bin) rectangle for all boxes at once (sorted runs of one
+# shape, split into batches); these loops compute the same values one bin (and one sample)
+# at a time from the shared geometry.
+
+
+def _loop_ps_roi_pool(x, rois, size, scale, g=None):
+    """PS-RoIPool by a loop over bins: the forward, or with ``g`` the backward."""
+    dt = np.float64 if x.dtype == np.float64 else np.float32
+    bins = ps_roi_pool_bins(rois.astype(dt), size, scale, x.shape[2], x.shape[3], dt)
+    ch = ps_channel(x.shape[1] // (size[0] * size[1]), size)
+    out = np.zeros((len(rois), ch.shape[0]) + size)
+    grad = np.zeros(x.shape)
+    for k in range(len(rois)):
+        for i in range(size[0]):
+            for j in range(size[1]):
+                hs, he, ws, we = bins.hstart[k, i], bins.hend[k, i], bins.wstart[k, j], bins.wend[k, j]
+                if he <= hs or we <= ws:
+                    continue
+                cin, img = ch[:, i, j], int(rois[k, 0])
+                area = (he - hs) * (we - ws)
+                out[k, :, i, j] = x[img, cin, hs:he, ws:we].astype(np.float64).sum(axis=(1, 2)) / area
+                if g is not None:
+                    grad[img, cin, hs:he, ws:we] += g[k, :, i, j, None, None] / area
+    return out if g is None else grad
+
+
+def _loop_ps_roi_align(x, rois, size, scale, ratio, g=None):
+    """PS-RoIAlign by a loop over samples (``bilinear_corners``): forward, or backward."""
+    from roilib.geometry import bilinear_corners, roi_align_boxes, sample_points
+
+    dt = np.float64 if x.dtype == np.float64 else np.float32
+    geo = roi_align_boxes(rois.astype(dt), size, scale, ratio, True, dt)
+    ch = ps_channel(x.shape[1] // (size[0] * size[1]), size)
+    out = np.zeros((len(rois), ch.shape[0]) + size)
+    grad = np.zeros(x.shape)
+    for k in range(len(rois)):
+        img = int(rois[k, 0])
+        ys = sample_points(geo.start_y[k], geo.bin_h[k], int(geo.grid_h[k]), size[0], dt).reshape(size[0], -1)
+        xs = sample_points(geo.start_x[k], geo.bin_w[k], int(geo.grid_w[k]), size[1], dt).reshape(size[1], -1)
+        for i in range(size[0]):
+            for j in range(size[1]):
+                cin = ch[:, i, j]
+                for y in ys[i]:
+                    for xx in xs[j]:
+                        b = bilinear_corners(y, xx, x.shape[2], x.shape[3], dt)
+                        for a, r in enumerate((b.y_low, b.y_high)):
+                            for c, col in enumerate((b.x_low, b.x_high)):
+                                w = float(b.weights[a, c]) / geo.count[k]
+                                out[k, :, i, j] += w * x[img, cin, r, col]
+                                if g is not None:
+                                    grad[img, cin, r, col] += w * g[k, :, i, j]
+    return out if g is None else grad
+
+
+def _odd_boxes(n_images):
+    """Boxes off the map, across its edges, of zero or inverted size, in the last image."""
+    last = n_images - 1
+    return np.array([
+        [last, -20.0, -20.0, -8.0, -6.0], [0, 40.0, 3.0, 60.0, 9.0], [last, -5.0, 2.0, 7.0, 30.0],
+        [0, 3.0, 3.0, 3.0, 3.0], [last, 9.0, 5.0, 4.0, 12.0], [0, 0.0, 0.0, 22.0, 18.0],
+    ])
+
+
+LOOP_TOL = {np.float16: 2e-3, np.float32: 2e-5, np.float64: 1e-12}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_ps_roi_pool_matches_a_loop_over_bins(dtype, rng):
+    x, rois = _ps_case(rng, dtype)
+    rois = np.concatenate([rois, _odd_boxes(2)])
+    out = roilib.ps_roi_pool(x, rois, (3, 2), 0.5)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out, _loop_ps_roi_pool(x, rois, (3, 2), 0.5), rtol=0, atol=LOOP_TOL[dtype])
+    g = rng.standard_normal(out.shape).astype(dtype)
+    grad = roilib.ps_roi_pool_backward(g, x, rois, (3, 2), 0.5)
+    assert grad.dtype == dtype
+    np.testing.assert_allclose(grad, _loop_ps_roi_pool(x, rois, (3, 2), 0.5, g), rtol=0, atol=LOOP_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("sampling_ratio", [-1, 1, 2])
+def test_ps_roi_align_matches_a_loop_over_samples(dtype, sampling_ratio, rng):
+    x, rois = _ps_case(rng, dtype)
+    rois = np.concatenate([rois, _odd_boxes(2)])
+    out = roilib.ps_roi_align(x, rois, (3, 2), 0.5, sampling_ratio)
+    assert out.dtype == dtype
+    expected = _loop_ps_roi_align(x, rois, (3, 2), 0.5, sampling_ratio)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=LOOP_TOL[dtype])
+    g = rng.standard_normal(out.shape).astype(dtype)
+    grad = roilib.ps_roi_align_backward(g, x, rois, (3, 2), 0.5, sampling_ratio)
+    assert grad.dtype == dtype
+    expected = _loop_ps_roi_align(x, rois, (3, 2), 0.5, sampling_ratio, g)
+    np.testing.assert_allclose(grad, expected, rtol=0, atol=LOOP_TOL[dtype])
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_ps_roi_pool_sums_a_bin_in_torchvisions_order(chunk, rng, monkeypatch):
+    """float32: each bin's pixels added one after another in float32, then / area, for
+    bins of every size, however the rectangles are batched."""
+    from roilib.reference import ps_roi
+
+    if chunk:
+        monkeypatch.setattr(ps_roi, "CHUNK", chunk)
+    x = (rng.standard_normal((1, 8, 20, 20)) * 1e3).astype(np.float32)
+    rois = np.array([[0, 0.0, 0.0, 19.0, 19.0], [0, 2.0, 3.0, 9.0, 5.0], [0, 1.0, 1.0, 4.0, 13.0]])
+    out = roilib.ps_roi_pool(x, rois, 2)
+    bins = ps_roi_pool_bins(rois, (2, 2), 1.0, 20, 20, np.float32)
+    ch = ps_channel(2, (2, 2))
+    for k in range(len(rois)):
+        for i in range(2):
+            for j in range(2):
+                rows = range(bins.hstart[k, i], bins.hend[k, i])
+                cols = range(bins.wstart[k, j], bins.wend[k, j])
+                for c in range(2):
+                    total = np.float32(0)
+                    for r in rows:
+                        for col in cols:
+                            total = np.float32(total + x[0, ch[c, i, j], r, col])
+                    assert out[k, c, i, j] == total / np.float32(len(rows) * len(cols))
+
+
+@pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align"])
+def test_small_batches_give_the_same_result(op, rng, monkeypatch):
+    """Runs split into many batches (one rectangle, or a few pixels, each) change nothing."""
+    from roilib.reference import ps_roi
+
+    x, rois = _ps_case(rng, np.float32)
+    rois = np.concatenate([rois, _odd_boxes(2)])
+    fwd, bwd = getattr(roilib, op), getattr(roilib, op + "_backward")
+    out = fwd(x, rois, (3, 2), 0.5)
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    grad = bwd(g, x, rois, (3, 2), 0.5)
+    for chunk in (1, 37):
+        monkeypatch.setattr(ps_roi, "CHUNK", chunk)
+        np.testing.assert_array_equal(fwd(x, rois, (3, 2), 0.5), out)
+        np.testing.assert_allclose(bwd(g, x, rois, (3, 2), 0.5), grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align"])
+def test_backward_adds_up_boxes_that_cover_the_same_pixels(op, rng):
+    """Twenty copies of a box (every pixel repeated in the scatter) give twenty times its gradient."""
+    x = rng.standard_normal((2, 8, 7, 9))
+    box = np.array([[1, 1.3, 0.7, 7.6, 5.2]])
+    g = rng.standard_normal((1, 2, 2, 2))
+    bwd = getattr(roilib, op + "_backward")
+    once = bwd(g, x, box, 2, 1.0)
+    twenty = bwd(np.repeat(g, 20, axis=0), x, np.repeat(box, 20, axis=0), 2, 1.0)
+    np.testing.assert_allclose(twenty, 20 * once, rtol=1e-12, atol=1e-12)
+    assert not once[0].any() and once[1].any()  # batch index 1: image 0 untouched
+
+
+@pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align"])
+@pytest.mark.parametrize("boxes", [1, 5])
+def test_arguments_are_left_unchanged(op, boxes, rng):
+    x, rois = _ps_case(rng)
+    rois = rois[:boxes]
+    g = rng.standard_normal((boxes, 2, 3, 2))
+    copies = [a.copy() for a in (x, rois, g)]
+    getattr(roilib, op)(x, rois, (3, 2), 0.5)
+    getattr(roilib, op + "_backward")(g, x, rois, (3, 2), 0.5)
+    for a, b in zip((x, rois, g), copies):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align"])
+def test_boxes_off_the_map_output_zero_and_route_no_gradient(op):
+    x = np.ones((1, 4, 5, 5), dtype=np.float32)
+    rois = np.array([[0, 40.0, 40.0, 60.0, 50.0], [0, -30.0, -30.0, -10.0, -12.0]])
+    out = getattr(roilib, op)(x, rois, 2)
+    assert out.shape == (2, 1, 2, 2) and not out.any()
+    assert not getattr(roilib, op + "_backward")(np.ones_like(out), x, rois, 2).any()
+
+
+@pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align"])
+def test_no_boxes_in_either_direction(op):
+    x = np.ones((2, 8, 5, 5), dtype=np.float32)
+    out = getattr(roilib, op)(x, np.zeros((0, 5)), 2)
+    assert out.shape == (0, 2, 2, 2) and out.dtype == np.float32
+    grad = getattr(roilib, op + "_backward")(out, x, np.zeros((0, 5)), 2)
+    assert grad.shape == x.shape and grad.dtype == np.float32 and not grad.any()
+
+
+@pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align"])
+def test_a_strided_input_gives_the_same_result(op, rng):
+    x, rois = _ps_case(rng)
+    strided = np.asfortranarray(x)
+    fwd = getattr(roilib, op)
+    np.testing.assert_array_equal(fwd(strided, rois, (3, 2), 0.5), fwd(x, rois, (3, 2), 0.5))
+
+
+# -- the benchmark's R-FCN rows ------------------------------------------------------------
+
+
+def test_bench_ps_rows_take_the_tables_number_of_boxes(monkeypatch):
+    """``python -m roilib.bench`` measures the ps rows at every number of boxes of the
+    table (715 and 16 by default), on R-FCN's map."""
+    from roilib import bench
+
+    monkeypatch.setattr(bench, "_measure", lambda spec, threads: dict(spec))
+    rows = bench.run_cpu(1, 1, (715, 16), only="ps_")
+    assert [(r["op"], r["boxes"], r["pass_"]) for r in rows] == [
+        (op, n, p) for n in (715, 16) for op in ("ps_roi_align", "ps_roi_pool") for p in ("forward", "backward")
+    ]
+    for op in ("ps_roi_pool", "ps_roi_align"):
+        kwargs = next(c[2] for c in bench.CASES if c[1] == op)
+        out = bench._runner("roilib", op, kwargs, False, 5, 0, None)()
+        assert out.shape == (5, bench.RFCN_CLASSES, 7, 7)
+
+
 # -- bad inputs ---------------------------------------------------------------------------
 
 

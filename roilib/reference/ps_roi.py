@@ -2,14 +2,27 @@
 
 The input has ``C_out * PH * PW`` channels; output ``(c, ph, pw)`` pools input channel
 ``(c * PH + ph) * PW + pw`` (:func:`roilib.family.ps_channel`) over bin ``(ph, pw)``.
-Channels-last, an image's channels reshape to ``(C_out, PH, PW)``, so bin ``(ph, pw)``
-reads the slice ``[..., :, ph, pw]`` of every pixel.
+Viewed as ``(N, C_out, PH * PW * H * W)`` (no copy), bin ``b = ph * PW + pw`` of output
+channel ``c`` reads plane ``b`` of row ``c``: each ``(box, bin)`` pair reads one small
+rectangle of one plane, in the same place for all ``C_out`` channels.
 
-* ``ps_roi_pool`` averages integer bins (:func:`roilib.family.ps_roi_pool_bins`); the
-  sums come from a summed-area table (computed in float64), all boxes and bins at once,
-  and the backward is its transpose (a difference array, then two cumulative sums).
+* ``ps_roi_pool`` averages integer bins (:func:`roilib.family.ps_roi_pool_bins`): the
+  rectangle is the bin, every pixel weighs ``1 / area``.
 * ``ps_roi_align`` is RoIAlign with ``aligned=True`` geometry
-  (:func:`roilib.geometry.roi_align_boxes`), applied per bin to its own channel group.
+  (:func:`roilib.geometry.roi_align_boxes`, :func:`roilib.geometry.axis_samples`): the
+  rectangle is the run of rows (columns) its bin's valid samples touch, each row (column)
+  weighing the sum of its samples' 1-D bilinear weights; the weight of a pixel is the
+  product of its row's and its column's, over the sample count.
+
+The ops never copy the map. The rectangles are sorted by (image, rows, columns, position)
+(:func:`_plan`): a run of one shape has the same pixel offsets for every rectangle, and
+its positions sweep the map in order. The runs are cut into batches of at most
+:data:`CHUNK` gathered elements; a batch is one gather ``(C_out, pixels)`` in which each
+piece of a run is laid pixel-major ``(rows * cols, rectangles)``, one multiplication by
+the pixels' weights (PS-RoIAlign), a sum over each piece's pixels, one pixel after
+another (torchvision's order), and one write to the output. The backward is the
+transpose: every pixel receives its weight times its rectangle's gradient, added one
+channel at a time with ``np.add.at`` (rectangles of different boxes overlap).
 
 Two places where roilib returns the mathematically consistent value and torchvision's
 CPU op does not (documented in the API page and tested against its fixture):
@@ -23,12 +36,18 @@ CPU op does not (documented in the API page and tested against its fixture):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
 import numpy as np
 
 from .. import _validate as v
 from ..family import ps_roi_pool_bins
-from ._layout import add_block, channels_first, channels_last, take_block
-from .roi_align import _boxes
+from ..geometry import axis_samples, roi_align_boxes
+
+#: most elements (channels x pixels) one gather handles, and a fourth of the pixels one
+#: scatter handles: bounds the temporaries
+CHUNK = 1 << 16
 
 
 def _check(input, rois, output_size, spatial_scale):
@@ -40,48 +59,343 @@ def _check(input, rois, output_size, spatial_scale):
     return rois, output_size, spatial_scale, out_channels
 
 
-# -- PS-RoIPool ---------------------------------------------------------------------
+# -- the rectangles: one per (box, bin) ----------------------------------------------
 
 
-def _pool_index(rois, output_size, spatial_scale, shape, dtype):
-    """Flat summed-area-table indices of every bin's four corners, and bin areas.
+@dataclass(frozen=True)
+class _Rects:
+    """The rectangle each ``(box, bin)`` pair reads on plane ``b = ph * PW + pw`` of its image.
 
-    Returns ``corners`` (4, K, PH, PW) int64 pixel indices into an ``(N, H+1, W+1)``
-    table (``[he, we], [hs, we], [he, ws], [hs, ws]``) and ``area`` (K, PH, PW), 0
-    where the bin is empty.
+    Rows ``[row0, row0 + rows)`` come from the bin row ``(k, ph)``, columns from the bin
+    column ``(k, pw)``; a rectangle with no rows or no columns reads nothing (output 0).
+
+    Attributes
+    ----------
+    image : ndarray of int64, shape (K,)
+    row0, rows : ndarray of int64, shape (K, PH)
+    col0, cols : ndarray of int64, shape (K, PW)
+    height, width : int
+        The map's ``H`` and ``W``.
+    row_weight : ndarray, shape (R, K * PH) or None
+        PS-RoIAlign: ``row_weight[r, k * PH + ph]`` weighs row ``row0 + r`` of bin row
+        ``(k, ph)`` (over the box's sample count). None for PS-RoIPool, whose pixels all
+        weigh ``1 / area``.
+    col_weight : ndarray, shape (S, K * PW) or None
+        Likewise for the columns.
     """
-    n, h, w = shape
-    bins = ps_roi_pool_bins(rois, output_size, spatial_scale, h, w, dtype)
-    img = rois[:, 0].astype(np.int64)[:, None, None]
-    hs, he = bins.hstart[:, :, None], bins.hend[:, :, None]
-    ws, we = bins.wstart[:, None, :], bins.wend[:, None, :]
-    empty = (he <= hs) | (we <= ws)
-    area = np.where(empty, 0, (he - hs) * (we - ws))
 
-    def at(r, c):
-        return (img * (h + 1) + r) * (w + 1) + c
+    image: np.ndarray
+    row0: np.ndarray
+    rows: np.ndarray
+    col0: np.ndarray
+    cols: np.ndarray
+    height: int
+    width: int
+    row_weight: Optional[np.ndarray] = None
+    col_weight: Optional[np.ndarray] = None
 
-    corners = np.stack(np.broadcast_arrays(at(he, we), at(hs, we), at(he, ws), at(hs, ws)))
-    return corners, area
+    @property
+    def output_size(self) -> Tuple[int, int]:
+        return self.rows.shape[1], self.cols.shape[1]
 
 
-def _cumulate(t: np.ndarray) -> np.ndarray:
-    """In-place cumulative sums of ``(N, H, W, C)`` along H, then W.
+def _pool_rects(rois, output_size, spatial_scale, height, width, dtype) -> _Rects:
+    """PS-RoIPool's bins (:func:`roilib.family.ps_roi_pool_bins`) as rectangles."""
+    bins = ps_roi_pool_bins(rois, output_size, spatial_scale, height, width, dtype)
+    rows = np.maximum(bins.hend - bins.hstart, 0)
+    cols = np.maximum(bins.wend - bins.wstart, 0)
+    return _Rects(rois[:, 0].astype(np.int64), bins.hstart, rows, bins.wstart, cols, height, width)
 
-    A loop of whole-plane additions: several times faster than ``np.cumsum`` along a
-    middle axis, with the same additions in the same order.
+
+def _spans(start, bin_size, grid, n_bins: int, size: int, dtype):
+    """Each bin's run of pixels touched by its valid samples, with the summed weights.
+
+    Parameters
+    ----------
+    start, bin_size : ndarray, shape (K,)
+        From :func:`roilib.geometry.roi_align_boxes`.
+    grid : ndarray of int64, shape (K,)
+        Samples per bin along this axis.
+    n_bins, size : int
+        Output size and map size along this axis.
+    dtype : numpy dtype
+        Arithmetic dtype.
+
+    Returns
+    -------
+    first, length : ndarray of int64, shape (K, n_bins)
+        The run ``[first, first + length)``; length 0 when no valid sample.
+    weight : ndarray, shape (max length, K * n_bins)
+        ``weight[r, k * n_bins + p]``: the 1-D bilinear weights of pixel ``first + r``
+        summed over bin ``p``'s samples (a bin-summed ``interpolation_matrix``).
     """
-    for i in range(1, t.shape[1]):
-        t[:, i] += t[:, i - 1]
-    for j in range(1, t.shape[2]):
-        t[:, :, j] += t[:, :, j - 1]
-    return t
+    k = start.shape[0]
+    first = np.zeros((k, n_bins), dtype=np.int64)
+    length = np.zeros((k, n_bins), dtype=np.int64)
+    parts = []
+    for g in np.unique(grid[grid > 0]).tolist():  # a few distinct grid sizes
+        idx = np.flatnonzero(grid == g)
+        s = axis_samples(start[idx], bin_size[idx], g, n_bins, size, dtype)
+
+        def by_sample(a):
+            # (K_g, n_bins * g) -> (g, K_g * n_bins): reductions over the samples become
+            # whole-array operations instead of loops over a tiny last axis
+            return np.ascontiguousarray(a.reshape(idx.size * n_bins, g).T)
+
+        low, high, valid = by_sample(s.low), by_sample(s.high), by_sample(s.valid)
+        lo = np.where(valid, low, size).min(axis=0)
+        n = np.maximum(np.where(valid, high, -1).max(axis=0) - lo + 1, 0)
+        first[idx] = np.where(n > 0, lo, 0).reshape(idx.size, n_bins)
+        length[idx] = n.reshape(idx.size, n_bins)
+        parts.append((idx, low - lo, high - lo, by_sample(s.w_low), by_sample(s.w_high)))
+    r = np.arange(int(length.max(initial=0)))[:, None]
+    weight = np.zeros((r.size, k, n_bins), dtype=dtype)
+    for idx, rel_low, rel_high, w_low, w_high in parts:
+        # per sample: w_low on its low pixel plus w_high on its high one (the same pixel at
+        # the map's end), then the samples of a bin added in order, as a bin-summed
+        # interpolation matrix does; invalid samples have zero weights
+        total = 0
+        for j in range(rel_low.shape[0]):
+            total = total + ((rel_low[j] == r) * w_low[j] + (rel_high[j] == r) * w_high[j])
+        weight[:, idx] = np.reshape(total, (r.size, idx.size, n_bins))
+    return first, length, weight.reshape(r.size, k * n_bins)
 
 
-def _ps_diagonal(out_channels, output_size):
-    """Channel index ``(c * PH + ph) * PW + pw`` laid out as ``(PH, PW, C_out)``."""
+def _align_rects(rois, output_size, spatial_scale, sampling_ratio, height, width, dtype) -> _Rects:
+    """PS-RoIAlign's bins (``aligned=True``) as weighted rectangles."""
     ph, pw = output_size
-    return np.arange(out_channels * ph * pw).reshape(out_channels, ph, pw).transpose(1, 2, 0)
+    geo = roi_align_boxes(rois, output_size, spatial_scale, sampling_ratio, True, dtype)
+    row0, rows, row_weight = _spans(geo.start_y, geo.bin_h, geo.grid_h, ph, height, dtype)
+    col0, cols, col_weight = _spans(geo.start_x, geo.bin_w, geo.grid_w, pw, width, dtype)
+    row_weight /= np.repeat(geo.count.astype(dtype), ph)  # the average's divisor, once per box
+    return _Rects(rois[:, 0].astype(np.int64), row0, rows, col0, cols, height, width, row_weight, col_weight)
+
+
+# -- the plan: rectangles sorted into runs of one shape ---------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Sorted rectangles ``[start, end)``: one image, ``rows x cols`` pixels each, whose
+    pixel ``p`` lies ``offsets[p]`` after the top-left one (row-major)."""
+
+    start: int
+    end: int
+    image: int
+    rows: int
+    cols: int
+    offsets: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The rectangles sorted by (image, rows, cols, position), in runs of one shape.
+
+    Sorting by position makes every gather sweep the map in order (several times faster
+    than reading it at random). Empty rectangles sort into no run.
+
+    Attributes
+    ----------
+    box, bin : ndarray of int64, shape (M,)
+        Box ``k`` and bin ``b = ph * PW + pw`` of each sorted rectangle.
+    index : ndarray of int64, shape (M,)
+        ``k * PH * PW + b``: its place in a ``(K, PH * PW)`` array.
+    pos : ndarray of int64, shape (M,)
+        Their top-left pixels in an image's ``(C_out, PH * PW * H * W)`` view:
+        ``b * H * W + row * W + col``.
+    area : ndarray of int64, shape (M,)
+        Their pixel counts (0: empty).
+    runs : list of _Run
+    row_index, col_index : ndarray of int64, shape (M,), or None
+        PS-RoIAlign: their columns in ``row_weight`` (``k * PH + ph``) and ``col_weight``.
+    """
+
+    box: np.ndarray
+    bin: np.ndarray
+    index: np.ndarray
+    pos: np.ndarray
+    area: np.ndarray
+    runs: list
+    row_index: Optional[np.ndarray] = None
+    col_index: Optional[np.ndarray] = None
+
+
+def _plan(rects: _Rects) -> _Plan:
+    """Sort the rectangles (see :class:`_Plan`).
+
+    The keys are built bin-major, ``(PH, PW, K)``: whole-array operations along the boxes
+    rather than loops over a last axis of ``PW``; integer divisions are by scalars only.
+    """
+    (ph, pw), h, w = rects.output_size, rects.height, rects.width
+    k = rects.image.size
+    span = ph * pw * h * w
+    nr, nc = int(rects.rows.max(initial=0)) + 1, int(rects.cols.max(initial=0)) + 1
+    row0, rows = np.ascontiguousarray(rects.row0.T), np.ascontiguousarray(rects.rows.T)  # (PH, K)
+    col0, cols = np.ascontiguousarray(rects.col0.T), np.ascontiguousarray(rects.cols.T)  # (PW, K)
+    plane = (np.arange(ph * pw, dtype=np.int64) * (h * w)).reshape(ph, pw, 1)
+    pos = (plane + (row0 * w)[:, None, :] + col0[None, :, :]).ravel()
+    shape = ((rects.image * (nr * nc) + rows * nc)[:, None, :] + cols[None, :, :]).ravel()
+    order = np.argsort(shape * span + pos)  # bin-major: b * K + k
+    shape, pos = shape[order], pos[order]
+    area = (rows[:, None, :] * cols[None, :, :]).ravel()[order]
+    grid = np.arange(nr)[:, None] * w + np.arange(nc)  # offsets of every shape
+    counts = np.bincount(shape)
+    keys = np.flatnonzero(counts)
+    ends = np.cumsum(counts[keys]).tolist()
+    runs = []
+    for a, b, key in zip([0] + ends[:-1], ends, keys.tolist()):
+        image, r, c = key // (nr * nc), key // nc % nr, key % nc
+        if r and c:
+            runs.append(_Run(a, b, image, r, c, grid[:r, :c].ravel()))
+    bins = order // k
+    box = order - bins * k
+    index = box * (ph * pw) + bins
+    if rects.row_weight is None:
+        return _Plan(box, bins, index, pos, area, runs)
+    return _Plan(box, bins, index, pos, area, runs, box * ph + bins // pw, box * pw + bins % pw)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Sorted rectangles ``[start, end)`` of one image, as ``(run, a, b)`` pieces (and
+    empty rectangles between runs, which belong to no piece)."""
+
+    image: int
+    start: int
+    end: int
+    pieces: list
+    pixels: int
+
+
+def _batches(plan: _Plan, per_pixel: int, limit: int):
+    """Consecutive pieces of runs, one image and at most ``limit`` elements (``per_pixel``
+    a pixel) a batch; a run above the limit is split (a rectangle never is)."""
+    pieces, size = [], 0
+    for run in plan.runs:
+        per = run.offsets.size
+        step = max(1, limit // (per_pixel * per))
+        for a in range(run.start, run.end, step):
+            b = min(a + step, run.end)
+            if pieces and ((size + per * (b - a)) * per_pixel > limit or pieces[0][0].image != run.image):
+                yield _Batch(pieces[0][0].image, pieces[0][1], pieces[-1][2], pieces, size)
+                pieces, size = [], 0
+            pieces.append((run, a, b))
+            size += per * (b - a)
+    if pieces:
+        yield _Batch(pieces[0][0].image, pieces[0][1], pieces[-1][2], pieces, size)
+
+
+def _pixels(rects: _Rects, plan: _Plan, batch: _Batch, dtype, rect_of_pixel: bool = False):
+    """Every pixel of a batch's rectangles, piece after piece, each piece ``(rows * cols,
+    b - a)`` (pixel-major): its position, its weight (PS-RoIAlign; else None) and, if
+    asked, its rectangle's ``k * PH * PW + b`` (else None)."""
+    where = np.empty(batch.pixels, dtype=np.int64)
+    weight = None if rects.row_weight is None else np.empty(batch.pixels, dtype=dtype)
+    rect = np.empty(batch.pixels, dtype=np.int64) if rect_of_pixel else None
+    at = 0
+    for run, a, b in batch.pieces:
+        shape, size = (run.offsets.size, b - a), run.offsets.size * (b - a)
+        np.add(plan.pos[a:b], run.offsets[:, None], out=where[at : at + size].reshape(shape))
+        if weight is not None:
+            wy = rects.row_weight[: run.rows, plan.row_index[a:b]]  # (rows, b - a)
+            wx = rects.col_weight[: run.cols, plan.col_index[a:b]]  # (cols, b - a)
+            dest = weight[at : at + size].reshape(run.rows, run.cols, b - a)
+            np.multiply(wy[:, None, :], wx[None, :, :], out=dest)
+        if rect is not None:
+            rect[at : at + size].reshape(shape)[...] = plan.index[a:b]
+        at += size
+    return where, weight, rect
+
+
+# -- forward: gather and sum ---------------------------------------------------------
+
+
+def _sum_pixels(part: np.ndarray, out: np.ndarray) -> None:
+    """``out = part.sum(axis=1)`` for ``(C, pixels, rectangles)``, one pixel after another
+    (torchvision's order, whatever the batch)."""
+    if part.shape[2] > 1 or part.shape[1] < 3:
+        np.add.reduce(part, axis=1, out=out)  # rectangles innermost: a sequence of additions
+    else:  # a lone rectangle: NumPy would sum its contiguous pixels pairwise
+        out[...] = part[:, 0]
+        for p in range(1, part.shape[1]):
+            out += part[:, p]
+
+
+def _forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
+    """Every rectangle's weighted sum (PS-RoIPool: mean) -> ``(K, C_out, PH, PW)``.
+
+    A batch is one gather into a reused buffer, one multiplication by the pixels' weights
+    (PS-RoIAlign), a sum over each piece's pixels and one write to the output. No
+    temporary is as large as the output: fresh arrays of a few MiB cost more in page
+    faults than in arithmetic.
+    """
+    n = input.shape[0]
+    ph, pw = rects.output_size
+    out_channels = input.shape[1] // (ph * pw)
+    dtype = v.compute_dtype(input.dtype)
+    x = input.reshape(n, out_channels, -1)  # a view: channel c * PH*PW + b is plane b of row c
+    plan = _plan(rects)
+    out = np.zeros((rects.image.size, out_channels, ph * pw), dtype=input.dtype)
+    buffer = np.empty(0, dtype=input.dtype)
+    if rects.row_weight is None:
+        area = np.maximum(plan.area, 1).astype(dtype)
+    for batch in _batches(plan, out_channels, CHUNK):
+        where, weight, _ = _pixels(rects, plan, batch, dtype)
+        if buffer.size < out_channels * where.size:  # once, or for a rectangle above CHUNK
+            buffer = np.empty(max(CHUNK, out_channels * where.size), dtype=input.dtype)
+        values = buffer[: out_channels * where.size].reshape(out_channels, where.size)
+        # in range by construction: mode "wrap" only selects NumPy's faster loop
+        x[batch.image].take(where, axis=1, mode="wrap", out=values)
+        values = values.astype(dtype, copy=False)
+        if weight is not None:
+            values *= weight
+        sums = np.zeros((out_channels, batch.end - batch.start), dtype=dtype)  # 0: empty bins
+        at = 0
+        for run, a, b in batch.pieces:
+            size = run.offsets.size * (b - a)
+            part = values[:, at : at + size].reshape(out_channels, run.offsets.size, b - a)
+            _sum_pixels(part, sums[:, a - batch.start : b - batch.start])
+            at += size
+        if weight is None:
+            sums /= area[batch.start : batch.end]  # PS-RoIPool: then / area, as torchvision
+        out[plan.box[batch.start : batch.end], :, plan.bin[batch.start : batch.end]] = sums.T
+    return out.reshape(-1, out_channels, ph, pw)
+
+
+# -- backward: scatter-add -----------------------------------------------------------
+
+
+def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.ndarray:
+    """The transpose of :func:`_forward`: ``(N, C, H, W)`` gradient of the input.
+
+    Every pixel of every rectangle receives its weight times the rectangle's gradient,
+    one channel at a time: ``np.add.at`` on a 1-D plane adds repeated positions
+    (overlapping boxes) in turn, and takes NumPy's fast path.
+    """
+    n = input.shape[0]
+    ph, pw = rects.output_size
+    k, out_channels = grad_output.shape[:2]
+    dtype = v.compute_dtype(input.dtype)
+    grad = np.zeros(input.shape, dtype=dtype)  # in the compute dtype (float16: cast at the end)
+    target = grad.reshape(n, out_channels, -1)
+    plan = _plan(rects)
+    # each rectangle's gradient, (C_out, K * PH*PW) (a copy); PS-RoIPool's over its area
+    g = np.array(grad_output.reshape(k, out_channels, ph * pw).transpose(1, 0, 2), dtype=dtype, order="C")
+    if rects.row_weight is None:
+        g /= np.maximum(rects.rows[:, :, None] * rects.cols[:, None, :], 1).reshape(k, ph * pw).astype(dtype)
+    g = g.reshape(out_channels, -1)
+    for batch in _batches(plan, 1, 4 * CHUNK):
+        where, weight, rect = _pixels(rects, plan, batch, dtype, rect_of_pixel=True)
+        plane = target[batch.image]
+        for channel in range(out_channels):
+            values = g[channel].take(rect, mode="wrap")
+            if weight is not None:
+                values *= weight
+            np.add.at(plane[channel], where, values)
+    return grad if grad.dtype == input.dtype else grad.astype(input.dtype)
+
+
+# -- public ops ----------------------------------------------------------------------
 
 
 def ps_roi_pool(input: np.ndarray, rois, output_size, spatial_scale: float = 1.0) -> np.ndarray:
@@ -103,19 +417,9 @@ def ps_roi_pool(input: np.ndarray, rois, output_size, spatial_scale: float = 1.0
     -------
     ndarray, shape (K, C_out, PH, PW)
     """
-    rois, output_size, spatial_scale, c_out = _check(input, rois, output_size, spatial_scale)
-    x = channels_last(input)
-    n, h, w, c = x.shape
-    table = np.zeros((n, h + 1, w + 1, c), dtype=np.float64)
-    table[:, 1:, 1:] = x
-    table = _cumulate(table).reshape(-1, c)
-    corners, area = _pool_index(rois, output_size, spatial_scale, (n, h, w), x.dtype)
-    ch = _ps_diagonal(c_out, output_size)  # (PH, PW, C_out)
-    cs = corners[..., None]  # (4, K, PH, PW, 1) against channels (PH, PW, C_out)
-    s = table[cs[0], ch] - table[cs[1], ch] - table[cs[2], ch] + table[cs[3], ch]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(area[..., None] > 0, s / area[..., None], 0.0)
-    return channels_first(out, input.dtype)
+    rois, output_size, spatial_scale, _ = _check(input, rois, output_size, spatial_scale)
+    rects = _pool_rects(rois, output_size, spatial_scale, *input.shape[2:], rois.dtype)
+    return _forward(input, rects)
 
 
 def ps_roi_pool_backward(grad_output: np.ndarray, input: np.ndarray, rois, output_size, spatial_scale: float = 1.0) -> np.ndarray:
@@ -137,54 +441,8 @@ def ps_roi_pool_backward(grad_output: np.ndarray, input: np.ndarray, rois, outpu
     """
     rois, output_size, spatial_scale, c_out = _check(input, rois, output_size, spatial_scale)
     v.check_grad_output(grad_output, (rois.shape[0], c_out) + output_size, input)
-    n, c, h, w = input.shape
-    g = channels_last(grad_output).astype(np.float64)  # (K, PH, PW, C_out)
-    corners, area = _pool_index(rois, output_size, spatial_scale, (n, h, w), rois.dtype)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.where(area[..., None] > 0, g / np.maximum(area, 1)[..., None], 0.0)
-    ch = _ps_diagonal(c_out, output_size)
-    size = n * (h + 1) * (w + 1) * c
-    flat = corners[..., None] * c + ch  # (4, K, PH, PW, C_out)
-    weights = np.array([1.0, -1.0, -1.0, 1.0])[:, None, None, None, None] * share
-    # the transpose of "sum over [hs, he) x [ws, we)" is a 2-D difference array
-    diff = np.bincount(flat.ravel(), weights=weights.ravel(), minlength=size)
-    grad = _cumulate(diff.reshape(n, h + 1, w + 1, c))[:, :h, :w]
-    return channels_first(grad, input.dtype)
-
-
-# -- PS-RoIAlign ---------------------------------------------------------------------
-
-
-def _align_boxes(shape, dtype, rois, output_size, spatial_scale, sampling_ratio):
-    """Yield ``(k, image, box, Ay, Ax)`` per box touching the map (aligned geometry).
-
-    ``Ay`` (PH, rows) and ``Ax`` (PW, cols) are the bin-summed interpolation weights.
-    ``shape`` is the map's ``(N, H, W, C)``; the geometry reads no values.
-    """
-    stand_in = np.broadcast_to(np.zeros((), dtype=dtype), shape)
-    for k, image, box, _ in _boxes(stand_in, rois, output_size, spatial_scale, sampling_ratio, True):
-        yield k, image, box, box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1)
-
-
-def _grouped(x: np.ndarray, output_size) -> np.ndarray:
-    """``(N, C_out*PH*PW, H, W)`` -> contiguous ``(N, H, W, PW, C_out*PH)`` (compute dtype).
-
-    Channel ``(c * PH + ph) * PW + pw`` goes to ``[..., pw, c * PH + ph]``: for a fixed bin
-    column ``pw`` the channels of all bins in it are contiguous, so a box's block needs no
-    further copy before the column weights are applied.
-    """
-    n, c, h, w = x.shape
-    ph, pw = output_size
-    g = x.reshape(n, c // (ph * pw), ph, pw, h, w).transpose(0, 4, 5, 3, 1, 2)
-    return np.ascontiguousarray(g, dtype=v.compute_dtype(x.dtype)).reshape(n, h, w, pw, c // pw)
-
-
-def _ungrouped(g: np.ndarray, output_size, dtype) -> np.ndarray:
-    """The inverse of :func:`_grouped`, cast to ``dtype``."""
-    n, h, w, pw, rest = g.shape
-    ph = output_size[0]
-    out = g.reshape(n, h, w, pw, rest // ph, ph).transpose(0, 4, 5, 3, 1, 2)
-    return np.ascontiguousarray(out, dtype=dtype).reshape(n, rest * pw, h, w)
+    rects = _pool_rects(rois, output_size, spatial_scale, *input.shape[2:], rois.dtype)
+    return _backward(grad_output, input, rects)
 
 
 def ps_roi_align(input: np.ndarray, rois, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1) -> np.ndarray:
@@ -207,21 +465,10 @@ def ps_roi_align(input: np.ndarray, rois, output_size, spatial_scale: float = 1.
     -------
     ndarray, shape (K, C_out, PH, PW)
     """
-    rois, output_size, spatial_scale, c_out = _check(input, rois, output_size, spatial_scale)
+    rois, output_size, spatial_scale, _ = _check(input, rois, output_size, spatial_scale)
     sampling_ratio = v.check_sampling_ratio(sampling_ratio)
-    x = _grouped(input, output_size)  # (N, H, W, Q, O*P)
-    n, h, w, pw, op = x.shape
-    ph = output_size[0]
-    out = np.zeros((rois.shape[0], pw, c_out, ph), dtype=x.dtype)
-    shape = (n, h, w, input.shape[1])
-    for k, image, box, ay, ax in _align_boxes(shape, x.dtype, rois, output_size, spatial_scale, sampling_ratio):
-        block = take_block(x[image], box.rows, box.cols)  # (R, S, Q, O*P)
-        # t[q, r, (o, p)] = sum_s Ax[q, s] X[r, s, q, (o, p)]: one small product per (q, r)
-        t = np.matmul(ax[:, None, None, :], block.transpose(2, 0, 1, 3))[:, :, 0]
-        t = t.reshape(pw, -1, c_out, ph)  # (Q, R, O, P)
-        # out[q, o, p] = sum_r Ay[p, r] t[q, r, o, p]
-        out[k] = np.einsum("pr,qrop->qop", ay, t) / box.count
-    return np.ascontiguousarray(out.transpose(0, 2, 3, 1), dtype=input.dtype)
+    rects = _align_rects(rois, output_size, spatial_scale, sampling_ratio, *input.shape[2:], rois.dtype)
+    return _forward(input, rects)
 
 
 def ps_roi_align_backward(
@@ -245,16 +492,5 @@ def ps_roi_align_backward(
     rois, output_size, spatial_scale, c_out = _check(input, rois, output_size, spatial_scale)
     sampling_ratio = v.check_sampling_ratio(sampling_ratio)
     v.check_grad_output(grad_output, (rois.shape[0], c_out) + output_size, input)
-    n, c, h, w = input.shape
-    ph, pw = output_size
-    dtype = v.compute_dtype(input.dtype)
-    g = np.ascontiguousarray(grad_output.transpose(0, 3, 1, 2), dtype=dtype)  # (K, Q, O, P)
-    grad = np.zeros((n, h, w, pw, c // pw), dtype=dtype)
-    for k, image, box, ay, ax in _align_boxes((n, h, w, c), dtype, rois, output_size, spatial_scale, sampling_ratio):
-        gk = g[k] / box.count
-        # u[r, q, (o, p)] = Ay[p, r] g[q, o, p]
-        u = (ay.T[:, None, None, :] * gk[None]).reshape(ay.shape[1], pw, -1)
-        # part[r, s, q, (o, p)] = Ax[q, s] u[r, q, (o, p)]
-        part = ax.T[None, :, :, None] * u[:, None]
-        add_block(grad[image], box.rows, box.cols, part)
-    return _ungrouped(grad, output_size, input.dtype)
+    rects = _align_rects(rois, output_size, spatial_scale, sampling_ratio, *input.shape[2:], rois.dtype)
+    return _backward(grad_output, input, rects)
