@@ -4,21 +4,31 @@ For one box and one channel, the bilinear samples form ``S = B_y X B_x^T``, wher
 ``B_y`` (samples x touched rows) and ``B_x`` (samples x touched columns) hold the 1-D
 interpolation weights from :func:`roilib.geometry.interpolation_matrix`. Average pooling
 sums the samples of each bin, so ``avg`` RoIAlign is ``A_y X A_x^T / count`` with
-``A = bin-summed B``: linear, separable, and its backward is the transpose. The code
-applies these small matrices to a channels-last block of the map, all channels at once.
+``A = bin-summed B``: linear, separable, and its backward is the transpose.
+
+The forward average builds every box's ``A_y / count`` and ``A_x`` at once
+(:class:`_AxisWeights`) and writes each box's ``(C, PH, PW)`` result straight into the
+output. Many boxes on a wide map (:func:`._layout.reads_in_groups`) read a channels-last
+copy of one channel group at a time (the copy costs a quarter of the map, not all of it);
+few boxes read their blocks of the ``(N, C, H, W)`` map in place, with no copy at all.
+The two apply the same matrices and agree to rounding. The backward, ``max`` and the box
+gradient apply the per-sample matrices of :class:`_BoxSampling` to channels-last blocks.
 
 ``max`` takes the largest sample of each bin (mmcv's definition: samples outside the
 map count as 0) and routes the gradient through the winning sample's four corners.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Tuple
 
 import numpy as np
 
 from .. import _validate as v
-from ..geometry import AlignBoxes, box_axis_samples, interpolation_matrix, roi_align_boxes
-from ._layout import GradBlocks, MapBlocks, cells_read, channels_last
+from ..geometry import AlignBoxes, axis_samples, box_axis_samples, interpolation_matrix, roi_align_boxes
+from ._layout import (
+    GradBlocks, MapBlocks, cells_read, channel_groups, channels_last, reads_in_groups, take_block,
+)
 
 
 class _BoxSampling:
@@ -118,22 +128,191 @@ def _boxes(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, slo
     return _sampled(h, w, x_hwc.dtype, rois, output_size, spatial_scale, sampling_ratio, aligned, slopes)
 
 
-def _forward_blocks(x: MapBlocks, rois, output_size, spatial_scale, sampling_ratio, aligned, mode, out=None):
-    """The output read from ``x``'s blocks: written into ``out`` (``(K, C, PH, PW)``, box by
-    box, so no channels-last copy of the whole output is made) or, without ``out``,
-    returned channels-last ``(K, PH, PW, C)`` in the compute dtype."""
-    _, c, h, w = x.shape
-    last = out is None
-    if last:
-        out = np.zeros((rois.shape[0],) + output_size + (c,), dtype=x.dtype)
-    for k, image, box, _ in _sampled(h, w, x.dtype, rois, output_size, spatial_scale, sampling_ratio, aligned):
-        block = x.take(image, box.rows, box.cols)
-        if mode == "avg":
-            value = box.samples(block, box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1)) / box.count
+#: a box's rows (and, channels-last, its columns) are read as one run, the pixels no
+#: sample touches weighted 0, when the run is at most this many times the touched pixels;
+#: beyond, only the touched ones are gathered (a fixed sampling ratio on a large box)
+SPAN_SLACK = 1.5
+#: read in place, a box of at most this many rows is reduced along its columns first,
+#: one product per row over all channels; a taller one along its rows first, one product
+#: per channel: whichever was faster on the benchmark's map (they cross near 32 rows)
+ROWS_FIRST_LIMIT = 32
+
+
+@dataclass(frozen=True)
+class _AxisWeights:
+    """Every box's bin-summed interpolation weights along one axis (the average's ``A``).
+
+    Box ``k``'s valid samples touch pixels in ``first[k] .. first[k] + span[k] - 1``
+    (``span[k] == 0``: none). Its ``(P, span)`` matrix (row ``p``: the summed weights of
+    bin ``p``'s samples on each of these pixels) and which of the pixels are touched are
+    stored one box after another, so large boxes cost no padding of small ones.
+
+    Attributes
+    ----------
+    n_bins : int
+        ``P``.
+    first, span : list of int, length K
+    at : list of int, length K + 1
+        Box ``k``'s pixels are entries ``at[k] .. at[k + 1] - 1`` of :attr:`touched`, its
+        matrix entries ``P * at[k] ..`` of :attr:`weights` (row-major).
+    weights : ndarray, shape (P * sum(span),)
+    touched : ndarray of bool, shape (sum(span),)
+        The pixels some valid sample reads (the others weigh 0 in every bin).
+    runs : list of bool, length K
+        Read box ``k``'s pixels as one run (:data:`SPAN_SLACK`).
+    """
+
+    n_bins: int
+    first: list
+    span: list
+    at: list
+    weights: np.ndarray
+    touched: np.ndarray
+    runs: list
+
+    def block(self, k: int, run: bool = False):
+        """Box ``k``'s pixels (a slice, or the touched ones' sorted indices) and its
+        ``(P, R)`` matrix; ``run``: always the whole run."""
+        first, span, at, n_bins = self.first[k], self.span[k], self.at[k], self.n_bins
+        matrix = self.weights[at * n_bins : (at + span) * n_bins].reshape(n_bins, span)
+        if run or self.runs[k]:
+            return slice(first, first + span), matrix
+        touched = self.touched[at : at + span]
+        return first + np.flatnonzero(touched), matrix[:, touched]
+
+
+def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=None) -> _AxisWeights:
+    """:class:`_AxisWeights` from :func:`roilib.geometry.roi_align_boxes`' fields of one axis
+    (``(K,)`` arrays), boxes of a grid size at a time; ``divisor`` ``(K,)`` divides each
+    box's weights (the average's sample count).
+
+    The weights of a bin's samples (:func:`roilib.geometry.axis_samples`) are summed in
+    float64 by one ``bincount`` over all boxes, then rounded to ``dtype``.
+    """
+    k_boxes = start.shape[0]
+    first = np.zeros(k_boxes, dtype=np.int64)
+    last = np.full(k_boxes, -1, dtype=np.int64)
+    groups = []
+    for g in np.unique(grid[grid > 0]):
+        idx = np.flatnonzero(grid == g)
+        s = axis_samples(start[idx], bin_size[idx], int(g), n_bins, size, dtype)
+        hit = s.valid.any(axis=1)
+        first[idx] = np.where(hit, np.where(s.valid, s.low, size).min(axis=1), 0)
+        last[idx] = np.where(hit, np.where(s.valid, s.high, -1).max(axis=1), -1)
+        groups.append((idx, int(g), s))
+    span = np.maximum(last - first + 1, 0)
+    at = np.concatenate([[0], np.cumsum(span)])  # box k's pixels: at[k] .. at[k + 1] - 1
+    index, value, touched_at = [], [], []
+    for idx, g, s in groups:
+        # entry (p, t) of box k's matrix sits at n_bins * at[k] + p * span[k] + t
+        bin_row = n_bins * at[idx, None] + (np.arange(s.coord.shape[1]) // g) * span[idx, None]
+        for pixel, weight in ((s.low, s.w_low), (s.high, s.w_high)):
+            offset = np.where(s.valid, pixel - first[idx, None], 0)  # invalid: weight 0
+            index.append((bin_row + offset)[s.valid])
+            value.append(weight[s.valid])
+            touched_at.append((at[idx, None] + offset)[s.valid])
+    total = int(at[-1])
+    weights = np.zeros(n_bins * total)
+    if index:
+        weights += np.bincount(np.concatenate(index), np.concatenate(value), minlength=weights.size)
+    if divisor is not None:
+        weights /= np.repeat(np.asarray(divisor, dtype=np.float64), n_bins * span)
+    touched = np.zeros(total, dtype=bool)
+    if touched_at:
+        touched[np.concatenate(touched_at)] = True
+    seen = np.concatenate([[0], np.cumsum(touched)])
+    runs = span <= SPAN_SLACK * (seen[at[1:]] - seen[at[:-1]])
+    weights = weights.astype(dtype)
+    return _AxisWeights(n_bins, first.tolist(), span.tolist(), at.tolist(), weights, touched, runs.tolist())
+
+
+class _Averages:
+    """The average's matrices of every box: ``A_y / count`` (:attr:`y`) and ``A_x``
+    (:attr:`x`), and the boxes that touch the map (:attr:`live`)."""
+
+    def __init__(self, rois, output_size, spatial_scale, sampling_ratio, aligned, height, width, dtype):
+        ph, pw = output_size
+        geo = roi_align_boxes(rois, output_size, spatial_scale, sampling_ratio, aligned, dtype)
+        self.y = _axis_weights(geo.start_y, geo.bin_h, geo.grid_h, ph, height, dtype, geo.count)
+        self.x = _axis_weights(geo.start_x, geo.bin_w, geo.grid_w, pw, width, dtype)
+        self.images = rois[:, 0].astype(np.int64).tolist()
+        self.live = [k for k in range(rois.shape[0]) if self.y.span[k] and self.x.span[k]]
+
+
+def _in(block: np.ndarray, dtype) -> np.ndarray:
+    """``block`` in the compute dtype (float16 maps are read a block at a time)."""
+    return block if block.dtype == dtype else block.astype(dtype)
+
+
+def _average_in_place(x: np.ndarray, boxes: _Averages, out: np.ndarray, dest) -> None:
+    """Each box's average from its block of the ``(N, C, H, W)`` map, read where it is.
+
+    The columns are read as one run (each row of a block is contiguous), the rows as one
+    run or, when sparse, one by one. A short block is reduced along its columns first, a
+    product ``(PW, S) @ (S, C)`` per row; a tall one along its rows first, a product
+    ``(PH, R) @ (R, S)`` per channel (:data:`ROWS_FIRST_LIMIT`).
+    """
+    dtype = out.dtype
+    for k in boxes.live:
+        plane, target = x[boxes.images[k]], out[dest[k]]
+        rows, ay = boxes.y.block(k)
+        cols, ax = boxes.x.block(k, run=True)
+        if isinstance(rows, slice) and rows.stop - rows.start > ROWS_FIRST_LIMIT:
+            u = np.matmul(ay, _in(plane[:, rows, cols], dtype))  # (C, PH, S)
+            np.matmul(u.reshape(-1, u.shape[-1]), ax.T, out=target.reshape(-1, target.shape[-1]))
+            continue
+        if isinstance(rows, slice):
+            u = np.matmul(ax, _in(plane[:, rows, cols], dtype).transpose(1, 2, 0))  # (R, PW, C)
         else:
-            win, per_bin = box.winners(box.samples(block))
-            value = np.take_along_axis(per_bin, win[..., None], axis=-1)[..., 0]
-        out[k] = value if last else value.transpose(2, 0, 1)
+            u = np.empty((rows.size, ax.shape[0], plane.shape[0]), dtype=dtype)
+            for j, row in enumerate(rows.tolist()):
+                np.matmul(ax, _in(plane[:, row, cols], dtype).T, out=u[j])
+        t = ay @ u.reshape(u.shape[0], -1)  # (PH, PW * C)
+        target[...] = t.reshape(t.shape[0], ax.shape[0], -1).transpose(2, 0, 1)
+
+
+def _average_grouped(x: np.ndarray, boxes: _Averages, out: np.ndarray, dest) -> None:
+    """Each box's average from channels-last copies of one channel group at a time
+    (:func:`._layout.channel_groups`); a box's matrices serve every group."""
+    plan = [(dest[k], boxes.images[k]) + boxes.y.block(k) + boxes.x.block(k) for k in boxes.live]
+    for c0, hwc in channel_groups(x):
+        _average_group(hwc, c0, plan, out)
+        del hwc  # else it lives on while the next group's copy is made
+
+
+def _average_group(hwc: np.ndarray, c0: int, plan, out: np.ndarray) -> None:
+    """Channels ``c0 ..`` of every box in ``plan`` from their channels-last copy ``hwc``
+    ``(N, H, W, G)``: ``A_y`` over the block's rows, then ``A_x`` over its columns, the
+    second product written straight into ``out``."""
+    g = hwc.shape[-1]
+    for d, image, rows, ay, cols, ax in plan:
+        block = take_block(hwc[image], rows, cols)  # (R, S, G)
+        r, s = block.shape[:2]
+        u = ay @ block.reshape(r, s * g)  # (PH, S * G)
+        target = out[d, c0 : c0 + g].transpose(1, 0, 2)  # (PH, G, PW)
+        np.matmul(u.reshape(-1, s, g).transpose(0, 2, 1), ax.T, out=target)
+
+
+def _average_into(out, dest, input, rois, output_size, spatial_scale, sampling_ratio, aligned) -> None:
+    """The average of box ``k`` of ``rois`` on ``input`` ``(N, C, H, W)``, written into
+    ``out[dest[k]]`` (``out``: ``(K', C, PH, PW)`` in the compute dtype, zeros where no
+    sample touches the map; ``dest``: a sequence of ints)."""
+    h, w = input.shape[2:]
+    boxes = _Averages(rois, output_size, spatial_scale, sampling_ratio, aligned, h, w, out.dtype)
+    if reads_in_groups(cells_read(rois, spatial_scale, h, w), input.shape):
+        _average_grouped(input, boxes, out, dest)
+    else:
+        _average_in_place(input, boxes, out, dest)
+
+
+def _max_blocks(x: MapBlocks, rois, output_size, spatial_scale, sampling_ratio, aligned, out):
+    """``max`` mode read from ``x``'s blocks, written into ``out`` (``(K, C, PH, PW)``) box by
+    box, so no channels-last copy of the whole output is made."""
+    h, w = x.shape[2:]
+    boxes = _sampled(h, w, x.dtype, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    for k, image, box, _ in boxes:
+        win, per_bin = box.winners(box.samples(x.take(image, box.rows, box.cols)))
+        out[k] = np.take_along_axis(per_bin, win[..., None], axis=-1)[..., 0].transpose(2, 0, 1)
     return out
 
 
@@ -149,12 +328,6 @@ def _backward_blocks(g, x, grad: GradBlocks, rois, output_size, spatial_scale, s
             part = box.samples_adjoint(box.winner_mask(g[k], win))
         grad.add(image, box.rows, box.cols, part)
     return grad
-
-
-def _forward(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
-    """Forward on a channels-last map ``(N, H, W, C)``; output ``(K, PH, PW, C)``."""
-    x = MapBlocks.of_channels_last(x_hwc)
-    return _forward_blocks(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode)
 
 
 def _backward(g, x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
@@ -200,9 +373,14 @@ def roi_align(
     rois, output_size, spatial_scale, sampling_ratio, aligned, mode = _check(
         input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode
     )
-    x = MapBlocks(input, cells_read(rois, spatial_scale, *input.shape[2:]))
-    out = np.zeros((rois.shape[0], input.shape[1]) + output_size, dtype=input.dtype)
-    return _forward_blocks(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode, out)
+    shape = (rois.shape[0], input.shape[1]) + output_size
+    if mode == "max":
+        x = MapBlocks(input, cells_read(rois, spatial_scale, *input.shape[2:]))
+        out = np.zeros(shape, dtype=input.dtype)
+        return _max_blocks(x, rois, output_size, spatial_scale, sampling_ratio, aligned, out)
+    out = np.zeros(shape, dtype=v.compute_dtype(input.dtype))
+    _average_into(out, range(rois.shape[0]), input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return out.astype(input.dtype, copy=False)
 
 
 def roi_align_backward(
