@@ -131,7 +131,7 @@ def _boxes(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, slo
 #: a box's rows (and, channels-last, its columns) are read as one run, the pixels no
 #: sample touches weighted 0, when the run is at most this many times the touched pixels;
 #: beyond, only the touched ones are gathered (a fixed sampling ratio on a large box)
-SPAN_SLACK = 1.5
+SPAN_SLACK = 1.25
 #: read in place, a box of at most this many rows is reduced along its columns first,
 #: one product per row over all channels; a taller one along its rows first, one product
 #: per channel: whichever was faster on the benchmark's map (they cross near 32 rows)
@@ -183,45 +183,46 @@ class _AxisWeights:
 
 def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=None) -> _AxisWeights:
     """:class:`_AxisWeights` from :func:`roilib.geometry.roi_align_boxes`' fields of one axis
-    (``(K,)`` arrays), boxes of a grid size at a time; ``divisor`` ``(K,)`` divides each
-    box's weights (the average's sample count).
+    (``(K,)`` arrays); ``divisor`` ``(K,)`` divides each box's weights (the average's
+    sample count).
 
-    The weights of a bin's samples (:func:`roilib.geometry.axis_samples`) are summed in
-    float64 by one ``bincount`` over all boxes, then rounded to ``dtype``.
+    The samples come from :func:`roilib.geometry.axis_samples`, called once per grid
+    size; the weights of each bin's samples are summed in float64 by one ``bincount``
+    over all boxes, then rounded to ``dtype``.
     """
     k_boxes = start.shape[0]
-    first = np.zeros(k_boxes, dtype=np.int64)
+    first = np.full(k_boxes, size, dtype=np.int64)
     last = np.full(k_boxes, -1, dtype=np.int64)
-    groups = []
-    for g in np.unique(grid[grid > 0]):
+    # every valid sample of every box, a grid size at a time: its box, its bin, its two
+    # pixels and their weights
+    fields = [[np.zeros(0, dtype=np.int64)] * 4 + [np.zeros(0, dtype=dtype)] * 2]
+    for g in np.unique(grid[grid > 0]).tolist():
         idx = np.flatnonzero(grid == g)
-        s = axis_samples(start[idx], bin_size[idx], int(g), n_bins, size, dtype)
-        hit = s.valid.any(axis=1)
-        first[idx] = np.where(hit, np.where(s.valid, s.low, size).min(axis=1), 0)
-        last[idx] = np.where(hit, np.where(s.valid, s.high, -1).max(axis=1), -1)
-        groups.append((idx, int(g), s))
+        s = axis_samples(start[idx], bin_size[idx], g, n_bins, size, dtype)
+        valid = s.valid
+        first[idx] = np.where(valid, s.low, size).min(axis=1)
+        last[idx] = np.where(valid, s.high, -1).max(axis=1)
+        box = np.broadcast_to(idx[:, None], valid.shape)[valid]
+        bins = np.broadcast_to(np.arange(valid.shape[1]) // g, valid.shape)[valid]
+        fields.append([box, bins, s.low[valid], s.high[valid], s.w_low[valid], s.w_high[valid]])
+    box, bins, low, high, w_low, w_high = (np.concatenate(f) for f in zip(*fields))
     span = np.maximum(last - first + 1, 0)
     at = np.concatenate([[0], np.cumsum(span)])  # box k's pixels: at[k] .. at[k + 1] - 1
-    index, value, touched_at = [], [], []
-    for idx, g, s in groups:
-        # entry (p, t) of box k's matrix sits at n_bins * at[k] + p * span[k] + t
-        bin_row = n_bins * at[idx, None] + (np.arange(s.coord.shape[1]) // g) * span[idx, None]
-        for pixel, weight in ((s.low, s.w_low), (s.high, s.w_high)):
-            offset = np.where(s.valid, pixel - first[idx, None], 0)  # invalid: weight 0
-            index.append((bin_row + offset)[s.valid])
-            value.append(weight[s.valid])
-            touched_at.append((at[idx, None] + offset)[s.valid])
     total = int(at[-1])
-    weights = np.zeros(n_bins * total)
-    if index:
-        weights += np.bincount(np.concatenate(index), np.concatenate(value), minlength=weights.size)
+    # entry (p, t) of box k's matrix sits at n_bins * at[k] + p * span[k] + t
+    row = n_bins * at[box] + bins * span[box]
+    low, high = low - first[box], high - first[box]
+    index = np.concatenate([row + low, row + high])
+    weights = np.bincount(index, np.concatenate([w_low, w_high]), minlength=n_bins * total)
+    weights = weights.astype(np.float64, copy=False)  # (an empty bincount is int)
     if divisor is not None:
         weights /= np.repeat(np.asarray(divisor, dtype=np.float64), n_bins * span)
     touched = np.zeros(total, dtype=bool)
-    if touched_at:
-        touched[np.concatenate(touched_at)] = True
+    touched[at[box] + low] = True
+    touched[at[box] + high] = True
     seen = np.concatenate([[0], np.cumsum(touched)])
     runs = span <= SPAN_SLACK * (seen[at[1:]] - seen[at[:-1]])
+    first = np.where(span > 0, first, 0)
     weights = weights.astype(dtype)
     return _AxisWeights(n_bins, first.tolist(), span.tolist(), at.tolist(), weights, touched, runs.tolist())
 
