@@ -237,3 +237,17 @@ def test_multiscale_average_in_groups_equals_in_place(rng, monkeypatch):
     grouped = roilib.multiscale_roi_align(maps, rois, (3, 4), scales, 2)
     assert in_place.any()
     np.testing.assert_allclose(grouped, in_place, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("view", ["channels-last", "reversed columns"])
+def test_roi_align_average_of_a_strided_map_equals_a_contiguous_one(rng, monkeypatch, view):
+    x = rng.standard_normal(ALIGN_SHAPE)
+    if view == "channels-last":
+        strided = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    else:
+        strided = np.ascontiguousarray(x[..., ::-1])[..., ::-1]
+    assert not strided.flags.c_contiguous
+    rois = _align_boxes(rng)
+    expected = roilib.roi_align(x, rois, (3, 4), ALIGN_SCALE, 2, True)
+    for got in _in_place_and_grouped(monkeypatch, strided, rois, (3, 4), ALIGN_SCALE, 2, True):
+        np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)

@@ -241,8 +241,12 @@ class _Averages:
 
 
 def _in(block: np.ndarray, dtype) -> np.ndarray:
-    """``block`` in the compute dtype (float16 maps are read a block at a time)."""
-    return block if block.dtype == dtype else block.astype(dtype)
+    """``block`` as BLAS can read it: in the compute dtype (a float16 map is converted a
+    block at a time) and with contiguous rows (a map that is a strided view is copied a
+    block at a time; NumPy would otherwise multiply without BLAS)."""
+    if block.dtype == dtype and block.strides[-1] == block.itemsize:
+        return block
+    return np.ascontiguousarray(block, dtype=dtype)
 
 
 def _average_in_place(x: np.ndarray, boxes: _Averages, out: np.ndarray, dest) -> None:
