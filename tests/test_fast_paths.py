@@ -143,7 +143,7 @@ def _align_boxes(rng):
     s = ALIGN_SCALE
     rois = random_boxes(rng, 12, n, h, w, s, margin=3, min_size=0.5)
     special = [
-        [1, 2 / s, 0, 9 / s, (h - 1) / s],  # image 1, every row: taller than ROWS_FIRST_LIMIT
+        [1, 2 / s, 0, 9 / s, (h - 1) / s],  # image 1, every row: tall bins, rows first
         [0, 0, 0, (w - 1) / s, (h - 1) / s],  # the whole map: sparse rows and columns at sr=2
         [1, 3 / s, 30 / s, 44 / s, 33 / s],  # wide and short
         [0, (w + 5) / s, 4 / s, (w + 9) / s, 8 / s],  # right of the map: zeros
@@ -197,17 +197,20 @@ def test_roi_align_average_in_place_in_groups_and_per_sample_agree(
 
 
 @pytest.mark.parametrize("slack", [1.0, 1e9])
-@pytest.mark.parametrize("rows_first", [0, 1000])
-def test_roi_align_average_gathers_runs_and_orders_alike(rng, monkeypatch, slack, rows_first):
-    # every box read as whole runs (zero weights on untouched pixels) or only its touched
-    # pixels, and reduced rows first or columns first: the same numbers to rounding
+@pytest.mark.parametrize("rows_first", [0, 1e9])
+@pytest.mark.parametrize("band, halves", [(0, 0), (1e9, 0), (1e9, 1e9)])
+def test_roi_align_average_runs_orders_and_bands_agree(rng, monkeypatch, slack, rows_first, band, halves):
+    # channels-last: every box read as whole runs (zero weights on untouched pixels) or
+    # only its touched pixels; in place: rows or columns first, bin by bin, half the bins
+    # at a time or all at once. The same numbers to rounding.
     x = rng.standard_normal(ALIGN_SHAPE)
     rois = _align_boxes(rng)
     expected = _average_per_sample(x, rois, (3, 4), 2, True)
     monkeypatch.setattr(align_module, "SPAN_SLACK", slack)
-    monkeypatch.setattr(align_module, "ROWS_FIRST_LIMIT", rows_first)
-    kwargs = dict(output_size=(3, 4), spatial_scale=ALIGN_SCALE, sampling_ratio=2, aligned=True)
-    for got in _in_place_and_grouped(monkeypatch, x, rois, **kwargs):
+    monkeypatch.setattr(align_module, "ROWS_FIRST_WINDOW", rows_first)
+    monkeypatch.setattr(align_module, "BAND_WINDOW", band)
+    monkeypatch.setattr(align_module, "HALVES_WINDOW", halves)
+    for got in _in_place_and_grouped(monkeypatch, x, rois, (3, 4), ALIGN_SCALE, 2, True):
         np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)
 
 

@@ -132,10 +132,18 @@ def _boxes(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, slo
 #: sample touches weighted 0, when the run is at most this many times the touched pixels;
 #: beyond, only the touched ones are gathered (a fixed sampling ratio on a large box)
 SPAN_SLACK = 1.25
-#: read in place, a box of at most this many rows is reduced along its columns first,
-#: one product per row over all channels; a taller one along its rows first, one product
-#: per channel: whichever was faster on the benchmark's map (they cross near 32 rows)
-ROWS_FIRST_LIMIT = 32
+#: A bin's samples read a window of a box's rows (or columns), about a bin wide, and the
+#: bin's row of ``A`` is zero outside it. Read in place, a box is multiplied bin by bin,
+#: each product over its own window, when its windows are this many pixels on average,
+#: in two products (each over the windows of half the bins) from
+#: :data:`HALVES_WINDOW`, and in one over the whole run below: small windows make many
+#: small products slower than one that multiplies zeros (measured on the benchmark's map)
+BAND_WINDOW = 6
+HALVES_WINDOW = 3.5
+#: read in place, a box whose rows windows average this many rows is reduced along its
+#: rows first (its bins' rows only, one product per channel), else along its columns
+#: first (one product per row over all channels)
+ROWS_FIRST_WINDOW = 4
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,11 @@ class _AxisWeights:
         The pixels some valid sample reads (the others weigh 0 in every bin).
     runs : list of bool, length K
         Read box ``k``'s pixels as one run (:data:`SPAN_SLACK`).
+    low, high : list of K lists of P ints
+        Bin ``p`` of box ``k`` reads pixels ``first + low[k][p] .. first + high[k][p] - 1``
+        (``low == high``: no valid sample).
+    window : list of float, length K
+        The mean ``high - low`` of box ``k``'s bins that have valid samples.
     """
 
     n_bins: int
@@ -169,6 +182,9 @@ class _AxisWeights:
     weights: np.ndarray
     touched: np.ndarray
     runs: list
+    low: list
+    high: list
+    window: list
 
     def block(self, k: int, run: bool = False):
         """Box ``k``'s pixels (a slice, or the touched ones' sorted indices) and its
@@ -179,6 +195,18 @@ class _AxisWeights:
             return slice(first, first + span), matrix
         touched = self.touched[at : at + span]
         return first + np.flatnonzero(touched), matrix[:, touched]
+
+    def bands(self, k: int, per: int) -> list:
+        """Box ``k``'s bins ``per`` at a time: ``(p0, p1, lo, hi)`` for bins ``p0 .. p1 - 1``,
+        whose samples read pixels ``lo .. hi - 1`` of the run (``block(k, run=True)``'s
+        columns); bins without samples are left out."""
+        low, high, bands = self.low[k], self.high[k], []
+        for p0 in range(0, self.n_bins, per):
+            p1 = min(p0 + per, self.n_bins)
+            read = [(lo, hi) for lo, hi in zip(low[p0:p1], high[p0:p1]) if hi > lo]
+            if read:
+                bands.append((p0, p1, min(lo for lo, _ in read), max(hi for _, hi in read)))
+        return bands
 
 
 def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=None) -> _AxisWeights:
@@ -222,9 +250,23 @@ def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=
     touched[at[box] + high] = True
     seen = np.concatenate([[0], np.cumsum(touched)])
     runs = span <= SPAN_SLACK * (seen[at[1:]] - seen[at[:-1]])
+    # each bin's window: its samples are consecutive in the flat list
+    key = box * n_bins + bins
+    start = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if key.size else key
+    bin_low = np.zeros(k_boxes * n_bins, dtype=np.int64)
+    bin_high = np.zeros(k_boxes * n_bins, dtype=np.int64)
+    if key.size:
+        bin_low[key[start]] = np.minimum.reduceat(low, start)
+        bin_high[key[start]] = np.maximum.reduceat(high, start) + 1
+    width = (bin_high - bin_low).reshape(k_boxes, n_bins)
+    window = width.sum(axis=1) / np.maximum((width > 0).sum(axis=1), 1)
     first = np.where(span > 0, first, 0)
     weights = weights.astype(dtype)
-    return _AxisWeights(n_bins, first.tolist(), span.tolist(), at.tolist(), weights, touched, runs.tolist())
+    bin_low, bin_high = bin_low.reshape(k_boxes, n_bins).tolist(), bin_high.reshape(k_boxes, n_bins).tolist()
+    return _AxisWeights(
+        n_bins, first.tolist(), span.tolist(), at.tolist(), weights, touched, runs.tolist(),
+        bin_low, bin_high, window.tolist(),
+    )
 
 
 class _Averages:
@@ -249,31 +291,54 @@ def _in(block: np.ndarray, dtype) -> np.ndarray:
     return np.ascontiguousarray(block, dtype=dtype)
 
 
+def _bins_per_product(window: float, n_bins: int) -> int:
+    """How many bins to multiply at once, for bins reading ``window`` pixels on average
+    (:data:`BAND_WINDOW`)."""
+    if window >= BAND_WINDOW:
+        return 1
+    return (n_bins + 1) // 2 if window >= HALVES_WINDOW else n_bins
+
+
 def _average_in_place(x: np.ndarray, boxes: _Averages, out: np.ndarray, dest) -> None:
     """Each box's average from its block of the ``(N, C, H, W)`` map, read where it is.
 
-    The columns are read as one run (each row of a block is contiguous), the rows as one
-    run or, when sparse, one by one. A short block is reduced along its columns first, a
-    product ``(PW, S) @ (S, C)`` per row; a tall one along its rows first, a product
-    ``(PH, R) @ (R, S)`` per channel (:data:`ROWS_FIRST_LIMIT`).
+    Rows and columns are read as runs (views of the map). The first product reduces the
+    rows (``(p, R) @ (R, S)`` per channel) or the columns (``(q, S) @ (S, C)`` per row),
+    :data:`ROWS_FIRST_WINDOW` decides, over the windows of ``p`` (or ``q``) bins at a time
+    (:data:`BAND_WINDOW`); one product over the whole run then reduces the other axis.
     """
-    dtype = out.dtype
     for k in boxes.live:
-        plane, target = x[boxes.images[k]], out[dest[k]]
-        rows, ay = boxes.y.block(k)
+        rows, ay = boxes.y.block(k, run=True)
         cols, ax = boxes.x.block(k, run=True)
-        if isinstance(rows, slice) and rows.stop - rows.start > ROWS_FIRST_LIMIT:
-            u = np.matmul(ay, _in(plane[:, rows, cols], dtype))  # (C, PH, S)
-            np.matmul(u.reshape(-1, u.shape[-1]), ax.T, out=target.reshape(-1, target.shape[-1]))
-            continue
-        if isinstance(rows, slice):
-            u = np.matmul(ax, _in(plane[:, rows, cols], dtype).transpose(1, 2, 0))  # (R, PW, C)
+        plane, target = x[boxes.images[k]], out[dest[k]]
+        if boxes.y.window[k] >= ROWS_FIRST_WINDOW:
+            bands = boxes.y.bands(k, _bins_per_product(boxes.y.window[k], ay.shape[0]))
+            _rows_first(plane, rows, cols, ay, ax, bands, target)
         else:
-            u = np.empty((rows.size, ax.shape[0], plane.shape[0]), dtype=dtype)
-            for j, row in enumerate(rows.tolist()):
-                np.matmul(ax, _in(plane[:, row, cols], dtype).T, out=u[j])
-        t = ay @ u.reshape(u.shape[0], -1)  # (PH, PW * C)
-        target[...] = t.reshape(t.shape[0], ax.shape[0], -1).transpose(2, 0, 1)
+            bands = boxes.x.bands(k, _bins_per_product(boxes.x.window[k], ax.shape[0]))
+            _columns_first(plane, rows, cols, ay, ax, bands, target)
+
+
+def _rows_first(plane, rows: slice, cols: slice, ay, ax, bands, target) -> None:
+    """``target`` ``(C, PH, PW)`` ``= ay X ax^T`` per channel of ``X = plane[:, rows, cols]``,
+    ``ay`` applied a band of bins at a time (see :meth:`_AxisWeights.bands`)."""
+    dtype, c, s = target.dtype, plane.shape[0], cols.stop - cols.start
+    u = np.zeros((c, ay.shape[0], s), dtype=dtype)  # a bin without samples stays 0
+    for p0, p1, lo, hi in bands:
+        block = _in(plane[:, rows.start + lo : rows.start + hi, cols], dtype)  # (C, hi - lo, S)
+        np.matmul(ay[p0:p1, lo:hi], block, out=u[:, p0:p1])
+    np.matmul(u.reshape(-1, s), ax.T, out=target.reshape(-1, target.shape[-1]))
+
+
+def _columns_first(plane, rows: slice, cols: slice, ay, ax, bands, target) -> None:
+    """As :func:`_rows_first`, ``ax`` applied first (a band of bins at a time), per row."""
+    dtype, c, r = target.dtype, plane.shape[0], rows.stop - rows.start
+    u = np.zeros((r, ax.shape[0], c), dtype=dtype)
+    for q0, q1, lo, hi in bands:
+        block = _in(plane[:, rows, cols.start + lo : cols.start + hi], dtype)  # (C, R, hi - lo)
+        np.matmul(ax[q0:q1, lo:hi], block.transpose(1, 2, 0), out=u[:, q0:q1])
+    t = ay @ u.reshape(r, -1)  # (PH, PW * C)
+    target[...] = t.reshape(t.shape[0], ax.shape[0], c).transpose(2, 0, 1)
 
 
 def _average_grouped(x: np.ndarray, boxes: _Averages, out: np.ndarray, dest) -> None:
