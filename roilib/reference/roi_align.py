@@ -10,9 +10,12 @@ The forward average builds every box's ``A_y / count`` and ``A_x`` at once
 (:class:`_AxisWeights`) and writes each box's ``(C, PH, PW)`` result straight into the
 output. Many boxes on a wide map (:func:`._layout.reads_in_groups`) read a channels-last
 copy of one channel group at a time (the copy costs a quarter of the map, not all of it);
-few boxes read their blocks of the ``(N, C, H, W)`` map in place, with no copy at all.
-The two apply the same matrices and agree to rounding. The backward, ``max`` and the box
-gradient apply the per-sample matrices of :class:`_BoxSampling` to channels-last blocks.
+few boxes read their blocks of the ``(N, C, H, W)`` map in place, with no copy at all,
+bin by bin where the bins are large. The two apply the same matrices and agree to
+rounding. Both multiply runs of pixels some of which no sample reads, with weight 0: a
+non-finite value there makes the output NaN, where torchvision would not read it. The
+backward, ``max`` and the box gradient apply the per-sample matrices of
+:class:`_BoxSampling` to channels-last blocks.
 
 ``max`` takes the largest sample of each bin (mmcv's definition: samples outside the
 map count as 0) and routes the gradient through the winning sample's four corners.
@@ -128,21 +131,21 @@ def _boxes(x_hwc, rois, output_size, spatial_scale, sampling_ratio, aligned, slo
     return _sampled(h, w, x_hwc.dtype, rois, output_size, spatial_scale, sampling_ratio, aligned, slopes)
 
 
-#: a box's rows (and, channels-last, its columns) are read as one run, the pixels no
+#: read channels-last, a box's rows (or columns) are read as one run, the pixels no
 #: sample touches weighted 0, when the run is at most this many times the touched pixels;
 #: beyond, only the touched ones are gathered (a fixed sampling ratio on a large box)
 SPAN_SLACK = 1.25
 #: A bin's samples read a window of a box's rows (or columns), about a bin wide, and the
 #: bin's row of ``A`` is zero outside it. Read in place, a box is multiplied bin by bin,
 #: each product over its own window, when its windows are this many pixels on average,
-#: in two products (each over the windows of half the bins) from
-#: :data:`HALVES_WINDOW`, and in one over the whole run below: small windows make many
-#: small products slower than one that multiplies zeros (measured on the benchmark's map)
+#: in two products (each over the windows of half the bins) from :data:`HALVES_WINDOW`,
+#: and in one over the whole run below: many small products cost more than one that
+#: multiplies zeros (the thresholds were the fastest on the benchmark's boxes)
 BAND_WINDOW = 6
 HALVES_WINDOW = 3.5
-#: read in place, a box whose rows windows average this many rows is reduced along its
-#: rows first (its bins' rows only, one product per channel), else along its columns
-#: first (one product per row over all channels)
+#: read in place, a box whose row windows average this many rows is reduced along its
+#: rows first (one product per channel), else along its columns first (one product per
+#: row over all channels)
 ROWS_FIRST_WINDOW = 4
 
 
