@@ -230,11 +230,16 @@ def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=
     for g in np.unique(grid[grid > 0]).tolist():
         idx = np.flatnonzero(grid == g)
         s = axis_samples(start[idx], bin_size[idx], g, n_bins, size, dtype)
-        valid = s.valid
+        valid, n = s.valid, n_bins * g
+        if valid.all():  # the common case, without masks
+            first[idx], last[idx] = s.low.min(axis=1), s.high.max(axis=1)
+            box, bins = np.repeat(idx, n), np.tile(np.arange(n) // g, idx.size)
+            fields.append([box, bins, s.low.ravel(), s.high.ravel(), s.w_low.ravel(), s.w_high.ravel()])
+            continue
         first[idx] = np.where(valid, s.low, size).min(axis=1)
         last[idx] = np.where(valid, s.high, -1).max(axis=1)
         box = np.broadcast_to(idx[:, None], valid.shape)[valid]
-        bins = np.broadcast_to(np.arange(valid.shape[1]) // g, valid.shape)[valid]
+        bins = np.broadcast_to(np.arange(n) // g, valid.shape)[valid]
         fields.append([box, bins, s.low[valid], s.high[valid], s.w_low[valid], s.w_high[valid]])
     box, bins, low, high, w_low, w_high = (np.concatenate(f) for f in zip(*fields))
     span = np.maximum(last - first + 1, 0)
