@@ -167,9 +167,10 @@ class _AxisWeights:
         Box ``k``'s pixels are entries ``at[k] .. at[k + 1] - 1`` of :attr:`touched`, its
         matrix entries ``P * at[k] ..`` of :attr:`weights` (row-major).
     weights : ndarray, shape (P * sum(span),)
-    touched : ndarray of bool, shape (sum(span),)
-        The pixels some valid sample reads (the others weigh 0 in every bin).
-    runs : list of bool, length K
+    touched : ndarray of bool, shape (sum(span),), or None
+        The pixels some valid sample reads (the others weigh 0 in every bin); None when
+        not asked for (then :meth:`block` reads whole runs only).
+    runs : list of bool, length K, or None
         Read box ``k``'s pixels as one run (:data:`SPAN_SLACK`).
     low, high : list of K lists of P ints
         Bin ``p`` of box ``k`` reads pixels ``first + low[k][p] .. first + high[k][p] - 1``
@@ -194,7 +195,7 @@ class _AxisWeights:
         ``(P, R)`` matrix; ``run``: always the whole run."""
         first, span, at, n_bins = self.first[k], self.span[k], self.at[k], self.n_bins
         matrix = self.weights[at * n_bins : (at + span) * n_bins].reshape(n_bins, span)
-        if run or self.runs[k]:
+        if run or self.runs is None or self.runs[k]:
             return slice(first, first + span), matrix
         touched = self.touched[at : at + span]
         return first + np.flatnonzero(touched), matrix[:, touched]
@@ -212,18 +213,18 @@ class _AxisWeights:
         return bands
 
 
-def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=None) -> _AxisWeights:
+def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=None, touched=True):
     """:class:`_AxisWeights` from :func:`roilib.geometry.roi_align_boxes`' fields of one axis
     (``(K,)`` arrays); ``divisor`` ``(K,)`` divides each box's weights (the average's
-    sample count).
+    sample count); ``touched``: also find the touched pixels (for gathering them).
 
     The samples come from :func:`roilib.geometry.axis_samples`, called once per grid
     size; the weights of each bin's samples are summed in float64 by one ``bincount``
     over all boxes, then rounded to ``dtype``.
     """
     k_boxes = start.shape[0]
-    first = np.full(k_boxes, size, dtype=np.int64)
-    last = np.full(k_boxes, -1, dtype=np.int64)
+    bin_low = np.full((k_boxes, n_bins), size, dtype=np.int64)  # each bin's window, on the map
+    bin_high = np.zeros((k_boxes, n_bins), dtype=np.int64)
     # every valid sample of every box, a grid size at a time: its box, its bin, its two
     # pixels and their weights
     fields = [[np.zeros(0, dtype=np.int64)] * 4 + [np.zeros(0, dtype=dtype)] * 2]
@@ -232,17 +233,20 @@ def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=
         s = axis_samples(start[idx], bin_size[idx], g, n_bins, size, dtype)
         valid, n = s.valid, n_bins * g
         if valid.all():  # the common case, without masks
-            first[idx], last[idx] = s.low.min(axis=1), s.high.max(axis=1)
+            low, high = s.low, s.high
             box, bins = np.repeat(idx, n), np.tile(np.arange(n) // g, idx.size)
-            fields.append([box, bins, s.low.ravel(), s.high.ravel(), s.w_low.ravel(), s.w_high.ravel()])
-            continue
-        first[idx] = np.where(valid, s.low, size).min(axis=1)
-        last[idx] = np.where(valid, s.high, -1).max(axis=1)
-        box = np.broadcast_to(idx[:, None], valid.shape)[valid]
-        bins = np.broadcast_to(np.arange(n) // g, valid.shape)[valid]
-        fields.append([box, bins, s.low[valid], s.high[valid], s.w_low[valid], s.w_high[valid]])
+            fields.append([box, bins, low.ravel(), high.ravel(), s.w_low.ravel(), s.w_high.ravel()])
+        else:
+            low, high = np.where(valid, s.low, size), np.where(valid, s.high, -1)
+            box = np.broadcast_to(idx[:, None], valid.shape)[valid]
+            bins = np.broadcast_to(np.arange(n) // g, valid.shape)[valid]
+            fields.append([box, bins, s.low[valid], s.high[valid], s.w_low[valid], s.w_high[valid]])
+        bin_low[idx] = low.reshape(-1, n_bins, g).min(axis=2)
+        bin_high[idx] = high.reshape(-1, n_bins, g).max(axis=2) + 1
     box, bins, low, high, w_low, w_high = (np.concatenate(f) for f in zip(*fields))
-    span = np.maximum(last - first + 1, 0)
+    first = bin_low.min(axis=1)
+    span = np.maximum(bin_high.max(axis=1) - first, 0)
+    first = np.where(span > 0, first, 0)
     at = np.concatenate([[0], np.cumsum(span)])  # box k's pixels: at[k] .. at[k + 1] - 1
     total = int(at[-1])
     # entry (p, t) of box k's matrix sits at n_bins * at[k] + p * span[k] + t
@@ -253,39 +257,35 @@ def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=
     weights = weights.astype(np.float64, copy=False)  # (an empty bincount is int)
     if divisor is not None:
         weights /= np.repeat(np.asarray(divisor, dtype=np.float64), n_bins * span)
-    touched = np.zeros(total, dtype=bool)
-    touched[at[box] + low] = True
-    touched[at[box] + high] = True
-    seen = np.concatenate([[0], np.cumsum(touched)])
-    runs = span <= SPAN_SLACK * (seen[at[1:]] - seen[at[:-1]])
-    # each bin's window: its samples are consecutive in the flat list
-    key = box * n_bins + bins
-    start = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if key.size else key
-    bin_low = np.zeros(k_boxes * n_bins, dtype=np.int64)
-    bin_high = np.zeros(k_boxes * n_bins, dtype=np.int64)
-    if key.size:
-        bin_low[key[start]] = np.minimum.reduceat(low, start)
-        bin_high[key[start]] = np.maximum.reduceat(high, start) + 1
-    width = (bin_high - bin_low).reshape(k_boxes, n_bins)
+    hit, runs = None, None
+    if touched:
+        hit = np.zeros(total, dtype=bool)
+        hit[at[box] + low] = True
+        hit[at[box] + high] = True
+        seen = np.concatenate([[0], np.cumsum(hit)])
+        runs = (span <= SPAN_SLACK * (seen[at[1:]] - seen[at[:-1]])).tolist()
+    width = np.maximum(bin_high - bin_low, 0)  # 0: a bin without valid samples
     window = width.sum(axis=1) / np.maximum((width > 0).sum(axis=1), 1)
-    first = np.where(span > 0, first, 0)
-    weights = weights.astype(dtype)
-    bin_low, bin_high = bin_low.reshape(k_boxes, n_bins).tolist(), bin_high.reshape(k_boxes, n_bins).tolist()
+    bin_low = np.where(width > 0, bin_low - first[:, None], 0)
+    bin_high = bin_low + width
     return _AxisWeights(
-        n_bins, first.tolist(), span.tolist(), at.tolist(), weights, touched, runs.tolist(),
-        bin_low, bin_high, window.tolist(),
+        n_bins, first.tolist(), span.tolist(), at.tolist(), weights.astype(dtype), hit, runs,
+        bin_low.tolist(), bin_high.tolist(), window.tolist(),
     )
 
 
 class _Averages:
     """The average's matrices of every box: ``A_y / count`` (:attr:`y`) and ``A_x``
-    (:attr:`x`), and the boxes that touch the map (:attr:`live`)."""
+    (:attr:`x`), and the boxes that touch the map (:attr:`live`); ``touched``: also which
+    pixels each box touches (to gather only those)."""
 
-    def __init__(self, rois, output_size, spatial_scale, sampling_ratio, aligned, height, width, dtype):
+    def __init__(
+        self, rois, output_size, spatial_scale, sampling_ratio, aligned, height, width, dtype, touched
+    ):
         ph, pw = output_size
         geo = roi_align_boxes(rois, output_size, spatial_scale, sampling_ratio, aligned, dtype)
-        self.y = _axis_weights(geo.start_y, geo.bin_h, geo.grid_h, ph, height, dtype, geo.count)
-        self.x = _axis_weights(geo.start_x, geo.bin_w, geo.grid_w, pw, width, dtype)
+        self.y = _axis_weights(geo.start_y, geo.bin_h, geo.grid_h, ph, height, dtype, geo.count, touched)
+        self.x = _axis_weights(geo.start_x, geo.bin_w, geo.grid_w, pw, width, dtype, None, touched)
         self.images = rois[:, 0].astype(np.int64).tolist()
         self.live = [k for k in range(rois.shape[0]) if self.y.span[k] and self.x.span[k]]
 
@@ -376,11 +376,9 @@ def _average_into(out, dest, input, rois, output_size, spatial_scale, sampling_r
     ``out[dest[k]]`` (``out``: ``(K', C, PH, PW)`` in the compute dtype, zeros where no
     sample touches the map; ``dest``: a sequence of ints)."""
     h, w = input.shape[2:]
-    boxes = _Averages(rois, output_size, spatial_scale, sampling_ratio, aligned, h, w, out.dtype)
-    if reads_in_groups(cells_read(rois, spatial_scale, h, w), input.shape):
-        _average_grouped(input, boxes, out, dest)
-    else:
-        _average_in_place(input, boxes, out, dest)
+    grouped = reads_in_groups(cells_read(rois, spatial_scale, h, w), input.shape)
+    boxes = _Averages(rois, output_size, spatial_scale, sampling_ratio, aligned, h, w, out.dtype, grouped)
+    (_average_grouped if grouped else _average_in_place)(input, boxes, out, dest)
 
 
 def _max_blocks(x: MapBlocks, rois, output_size, spatial_scale, sampling_ratio, aligned, out):
