@@ -205,6 +205,10 @@ class _AxisWeights:
         whose samples read pixels ``lo .. hi - 1`` of the run (``block(k, run=True)``'s
         columns); bins without samples are left out."""
         low, high, bands = self.low[k], self.high[k], []
+        if per == 1:
+            return [(p, p + 1, lo, hi) for p, (lo, hi) in enumerate(zip(low, high)) if hi > lo]
+        if per >= self.n_bins:  # the run starts at the lowest pixel and ends at the highest
+            return [(0, self.n_bins, 0, self.span[k])] if self.span[k] else []
         for p0 in range(0, self.n_bins, per):
             p1 = min(p0 + per, self.n_bins)
             read = [(lo, hi) for lo, hi in zip(low[p0:p1], high[p0:p1]) if hi > lo]
