@@ -3,7 +3,8 @@
 The level of every box comes from :func:`roilib.family.fpn_levels` (torchvision's
 ``LevelMapper``); the pooling is :mod:`.roi_align`'s, on that level's map at that
 level's scale. One call covers all levels: the result is ``(K, C, PH, PW)`` in box
-order, as if each box had been pooled alone.
+order, as if each box had been pooled alone (to rounding: a level that many boxes read
+is read a channel group at a time, see :func:`._layout.reads_in_groups`).
 """
 from __future__ import annotations
 
