@@ -5,15 +5,25 @@
 * Few boxes on a large map are read block by block and their gradient added in place;
   many boxes copy the map channels-last once. Both layouts add the same numbers in the
   same order, so every op gives bitwise the same result either way.
+* RoIAlign's average reads few boxes' blocks of the ``(N, C, H, W)`` map in place and
+  many boxes' from channels-last copies of a channel group at a time. The two multiply
+  in another order, so they agree to rounding, and both equal the per-sample matrices
+  the backward uses.
 * ``python -m roilib.bench``'s workers run every op without torchvision.
 Speed itself is measured by the benchmark, never asserted here.
 """
+import importlib
+
 import numpy as np
 import pytest
 
 import roilib
 from roilib import bench
+from roilib._validate import compute_dtype
 from roilib.reference import _layout
+
+# the module: ``roilib.reference.roi_align`` the attribute is the function
+align_module = importlib.import_module("roilib.reference.roi_align")
 
 from helpers import random_boxes
 
@@ -116,3 +126,131 @@ def test_bench_tables_format():
                roilib=timing, torchvision=dict(timing, best=0.004), axis="boxes")
     assert "0.50" in bench.format_table([row])
     assert "0.50" in bench.format_scaling([row])
+
+
+# -- RoIAlign's average: in place, in channel groups, per sample ---------------------------
+
+ALIGN_SHAPE = (2, 10, 40, 48)  # 10 channels: groups of 4, 4 and 2; 40 rows: tall boxes
+ALIGN_SCALE = 0.5
+#: float16 is computed in float32 either way; the two float32 results may round to
+#: neighbouring float16 values
+ALIGN_TOL = {np.float16: 2**-10, np.float32: 2e-6, np.float64: 1e-13}
+
+
+def _align_boxes(rng):
+    """Random boxes (some off the map) and the cases each path treats apart."""
+    n, _, h, w = ALIGN_SHAPE
+    s = ALIGN_SCALE
+    rois = random_boxes(rng, 12, n, h, w, s, margin=3, min_size=0.5)
+    special = [
+        [1, 2 / s, 0, 9 / s, (h - 1) / s],  # image 1, every row: tall bins, rows first
+        [0, 0, 0, (w - 1) / s, (h - 1) / s],  # the whole map: sparse rows and columns at sr=2
+        [1, 3 / s, 30 / s, 44 / s, 33 / s],  # wide and short
+        [0, (w + 5) / s, 4 / s, (w + 9) / s, 8 / s],  # right of the map: zeros
+        [1, 6 / s, 6 / s, 6 / s, 6 / s],  # a point: no samples when aligned and adaptive
+    ]
+    return np.concatenate([rois, special])
+
+
+def _average_per_sample(x, rois, output_size, sampling_ratio, aligned):
+    """RoIAlign's average from each box's per-sample matrices (those of the backward),
+    summed per bin, on a channels-last copy of the map."""
+    dtype = compute_dtype(x.dtype)
+    hwc = _layout.channels_last(x)
+    rois = rois.astype(dtype)
+    out = np.zeros((rois.shape[0], x.shape[1]) + output_size, dtype=dtype)
+    h, w = x.shape[2:]
+    boxes = align_module._sampled(h, w, dtype, rois, output_size, ALIGN_SCALE, sampling_ratio, aligned)
+    for k, image, box, _ in boxes:
+        block = _layout.take_block(hwc[image], box.rows, box.cols)
+        value = box.samples(block, box.bin_sum(box.by, 0), box.bin_sum(box.bx, 1)) / box.count
+        out[k] = value.transpose(2, 0, 1)
+    return out.astype(x.dtype)
+
+
+def _in_place_and_grouped(monkeypatch, *args, **kwargs):
+    monkeypatch.setattr(_layout, "CHANNEL_GROUP", 4)
+    monkeypatch.setattr(_layout, "GROUPED_MAP_FRACTION", float("inf"))  # never in groups
+    in_place = roilib.roi_align(*args, **kwargs)
+    monkeypatch.setattr(_layout, "GROUPED_MAP_FRACTION", 0.0)  # always in groups
+    grouped = roilib.roi_align(*args, **kwargs)
+    return in_place, grouped
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_roi_align_average_in_place_in_groups_and_per_sample_agree(
+    rng, monkeypatch, dtype, sampling_ratio, aligned
+):
+    x = rng.standard_normal(ALIGN_SHAPE).astype(dtype)
+    rois = _align_boxes(rng)
+    in_place, grouped = _in_place_and_grouped(
+        monkeypatch, x, rois, (3, 4), ALIGN_SCALE, sampling_ratio=sampling_ratio, aligned=aligned
+    )
+    per_sample = _average_per_sample(x, rois, (3, 4), sampling_ratio, aligned)
+    tol = ALIGN_TOL[dtype]
+    for got in (in_place, grouped):
+        assert got.dtype == x.dtype and got.shape == (rois.shape[0], 10, 3, 4)
+        np.testing.assert_allclose(got, per_sample, rtol=tol, atol=tol)
+    assert not in_place[-2].any() and not grouped[-2].any()  # the box right of the map
+
+
+@pytest.mark.parametrize("slack", [1.0, 1e9])
+@pytest.mark.parametrize("rows_first", [0, 1e9])
+@pytest.mark.parametrize("band, halves", [(0, 0), (1e9, 0), (1e9, 1e9)])
+def test_roi_align_average_runs_orders_and_bands_agree(rng, monkeypatch, slack, rows_first, band, halves):
+    # channels-last: every box read as whole runs (zero weights on untouched pixels) or
+    # only its touched pixels; in place: rows or columns first, bin by bin, half the bins
+    # at a time or all at once. The same numbers to rounding.
+    x = rng.standard_normal(ALIGN_SHAPE)
+    rois = _align_boxes(rng)
+    expected = _average_per_sample(x, rois, (3, 4), 2, True)
+    monkeypatch.setattr(align_module, "SPAN_SLACK", slack)
+    monkeypatch.setattr(align_module, "ROWS_FIRST_WINDOW", rows_first)
+    monkeypatch.setattr(align_module, "BAND_WINDOW", band)
+    monkeypatch.setattr(align_module, "HALVES_WINDOW", halves)
+    for got in _in_place_and_grouped(monkeypatch, x, rois, (3, 4), ALIGN_SCALE, 2, True):
+        np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_roi_align_average_without_boxes_in_either_layout(monkeypatch):
+    x = np.ones(ALIGN_SHAPE, dtype=np.float32)
+    for got in _in_place_and_grouped(monkeypatch, x, np.zeros((0, 5), np.float32), output_size=2):
+        assert got.shape == (0, 10, 2, 2) and got.dtype == np.float32
+
+
+def test_roi_align_average_one_pixel_bins_equal_the_map(monkeypatch):
+    # boxes over whole pixels with one sample per bin at each pixel's own position read
+    # the map itself: a hand-computed case for both layouts, on image 1
+    x = np.arange(2 * 10 * 6 * 8, dtype=np.float64).reshape(2, 10, 6, 8)
+    rois = np.array([[1, 1.0, 2.0, 5.0, 5.0]])  # aligned: bins centred on pixels 1..4, 2..4
+    for got in _in_place_and_grouped(monkeypatch, x, rois, (3, 4), sampling_ratio=1, aligned=True):
+        np.testing.assert_array_equal(got[0], x[1, :, 2:5, 1:5])
+
+
+def test_multiscale_average_in_groups_equals_in_place(rng, monkeypatch):
+    maps = [rng.standard_normal((2, 6, 32 // f, 40 // f)) for f in (1, 2, 4, 8)]
+    rois = random_boxes(rng, 30, 2, 128, 160, 1.0, margin=8, min_size=2)
+    scales = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+    monkeypatch.setattr(_layout, "CHANNEL_GROUP", 4)
+    monkeypatch.setattr(_layout, "GROUPED_MAP_FRACTION", float("inf"))
+    in_place = roilib.multiscale_roi_align(maps, rois, (3, 4), scales, 2)
+    monkeypatch.setattr(_layout, "GROUPED_MAP_FRACTION", 0.0)
+    grouped = roilib.multiscale_roi_align(maps, rois, (3, 4), scales, 2)
+    assert in_place.any()
+    np.testing.assert_allclose(grouped, in_place, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("view", ["channels-last", "reversed columns"])
+def test_roi_align_average_of_a_strided_map_equals_a_contiguous_one(rng, monkeypatch, view):
+    x = rng.standard_normal(ALIGN_SHAPE)
+    if view == "channels-last":
+        strided = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    else:
+        strided = np.ascontiguousarray(x[..., ::-1])[..., ::-1]
+    assert not strided.flags.c_contiguous
+    rois = _align_boxes(rng)
+    expected = roilib.roi_align(x, rois, (3, 4), ALIGN_SCALE, 2, True)
+    for got in _in_place_and_grouped(monkeypatch, strided, rois, (3, 4), ALIGN_SCALE, 2, True):
+        np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)

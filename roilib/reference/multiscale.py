@@ -3,7 +3,8 @@
 The level of every box comes from :func:`roilib.family.fpn_levels` (torchvision's
 ``LevelMapper``); the pooling is :mod:`.roi_align`'s, on that level's map at that
 level's scale. One call covers all levels: the result is ``(K, C, PH, PW)`` in box
-order, as if each box had been pooled alone.
+order, as if each box had been pooled alone (to rounding: a level that many boxes read
+is read a channel group at a time, see :func:`._layout.reads_in_groups`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 from .. import _validate as v
 from ..family import fpn_levels, level_range
 from ._layout import channels_first, channels_last
-from .roi_align import _backward, _forward
+from .roi_align import _average_into, _backward
 
 
 def _check(features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, eps, aligned):
@@ -78,14 +79,13 @@ def multiscale_roi_align(
         features, rois, output_size, scales, sampling_ratio, canonical_scale, canonical_level, eps, aligned
     )
     levels = box_levels(rois, scales, s0, k0, eps)
-    n, c = maps[0].shape[:2]
-    out = np.zeros((rois.shape[0],) + output_size + (c,), dtype=v.compute_dtype(maps[0].dtype))
+    c = maps[0].shape[1]
+    out = np.zeros((rois.shape[0], c) + output_size, dtype=v.compute_dtype(maps[0].dtype))
     for level, (fmap, scale) in enumerate(zip(maps, scales)):
         idx = np.flatnonzero(levels == level)
-        if idx.size:
-            x = channels_last(fmap)
-            out[idx] = _forward(x, rois[idx], output_size, scale, sampling_ratio, aligned, "avg")
-    return channels_first(out, maps[0].dtype)
+        if idx.size:  # each level's boxes write their own rows of the output
+            _average_into(out, idx.tolist(), fmap, rois[idx], output_size, scale, sampling_ratio, aligned)
+    return out.astype(maps[0].dtype, copy=False)
 
 
 def multiscale_roi_align_backward(
