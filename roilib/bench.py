@@ -60,7 +60,8 @@ CASES = [
     ("roi_warp sr=2", "roi_warp", dict(sampling_ratio=2)),
     ("spp 4,2,1 max", "spp", dict(levels=SPP_LEVELS, mode="max")),
 ]
-#: the cases the scaling table sweeps (indices into CASES)
+#: the cases the scaling table sweeps (indices into CASES; the R-FCN ops appended below
+#: join them, sweeping only the number of boxes: their map is R-FCN's)
 SCALING_CASES = (0, 2, 3, 4)
 #: base point of the scaling sweeps and the values each axis takes
 SCALING_BASE = dict(boxes=256, channels=256, map_hw=(200, 272))
@@ -335,12 +336,14 @@ def scaling_points() -> List[tuple]:
 
 
 def run_scaling(repeat: int, threads: int) -> List[dict]:
-    """The scaling sweeps (see the module docstring); SPP only on channels and map size."""
+    """The scaling sweeps (see the module docstring); SPP only on channels and map size,
+    the position-sensitive ops only on the number of boxes (on R-FCN's map)."""
     peers = _peers()
     rows = []
     for axis, boxes, channels, map_hw in _scaling_points():
         for case in SCALING_CASES:
-            if CASES[case][1] == "spp" and axis == "boxes":
+            op = CASES[case][1]
+            if (op == "spp" and axis == "boxes") or (op in _PS_RUNNERS and axis != "boxes"):
                 continue
             for backward in (False, True):
                 row = _row(case, backward, boxes, channels, map_hw, repeat, threads, peers)
@@ -486,6 +489,7 @@ CASES += [
     ("ps_roi_align sr=2", "ps_roi_align", dict(sampling_ratio=2)),
     ("ps_roi_pool", "ps_roi_pool", dict()),
 ]
+SCALING_CASES += tuple(i for i, (_, op, _) in enumerate(CASES) if op in ("ps_roi_align", "ps_roi_pool"))
 
 
 def _fpn_inputs():

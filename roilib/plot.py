@@ -1062,6 +1062,8 @@ def ps_channel_groups(ax, roi: Sequence[float], output_size, spatial_scale: floa
 
 #: one colour per benchmarked op in :func:`scaling_curves` (the RoI ops keep theirs)
 _BENCH_COLORS = {"roi_align": "RoIAlign", "roi_pool": "RoIPool", "roi_warp": "RoIWarp"}
+#: the scaling plot's colours of the ops outside METHOD_COLORS (SPP: COLORS["grid"])
+_BENCH_EXTRA_COLORS = {"ps_roi_align": "#2ca02c", "ps_roi_pool": "#17becf"}
 
 
 def scaling_curves(axes, rows: Sequence[dict], value: str = "ratio", fontsize: float = FONT_SIZE):
@@ -1096,7 +1098,10 @@ def scaling_curves(axes, rows: Sequence[dict], value: str = "ratio", fontsize: f
             curves.setdefault((row["case"], row["op"], row["pass_"]), []).append((x, y))
         for (case, op, pass_), points in curves.items():
             points.sort()
-            color = method_color(_BENCH_COLORS[op]) if op in _BENCH_COLORS else COLORS["grid"]
+            if op in _BENCH_COLORS:
+                color = method_color(_BENCH_COLORS[op])
+            else:
+                color = _BENCH_EXTRA_COLORS.get(op, COLORS["grid"])
             ax.plot(*zip(*points), marker="o", color=color, ls="-" if pass_ == "forward" else "--",
                     label=f"{case}, {pass_}")
         ax.set_xscale("log", base=2)
