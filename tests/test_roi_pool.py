@@ -146,7 +146,8 @@ def test_roi_pool_argmax_without_boxes_is_empty(argmax_layout):
 def _window_max_argmax(x, rois, output_size, spatial_scale):
     """The argmax as ``_pooling.window_max`` finds it (columns first), box by box."""
     n, c, h, w = x.shape
-    bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, np.float32 if x.dtype == np.float16 else x.dtype)
+    dtype = np.float32 if x.dtype == np.float16 else x.dtype
+    bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, dtype)
     arg = np.full((len(rois), c) + output_size, -1, np.int64)
     for k in range(len(rois)):
         r0, c0 = bins.hstart[k].min(), bins.wstart[k].min()
@@ -195,6 +196,19 @@ def test_roi_pool_argmax_on_a_map_too_wide_for_16_bit_offsets_equals_a_plain_loo
     assert arg.max() > 2**16  # a flat index past what 16 bits hold
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roi_pool_argmax_is_the_same_searched_a_channel_at_a_time(rng, monkeypatch, dtype):
+    x = np.round(rng.standard_normal((2, 5, 11, 13)), 1).astype(dtype)
+    x[1, 3, 4, 4] = np.nan
+    rois = _boxes(rng, 12, 2, 11, 13, 0.5)
+    expected = roilib.roi_pool(x, rois, (3, 4), 0.5, return_argmax=True)
+    monkeypatch.setattr(roi_pool_module, "ARGMAX_WHOLE_MAP_FRACTION", float("inf"))
+    monkeypatch.setattr(roi_pool_module, "ARGMAX_WORK_BYTES", 1)  # one channel per step
+    out, arg = roilib.roi_pool(x, rois, (3, 4), 0.5, return_argmax=True)
+    assert out.tobytes() == expected[0].tobytes()
+    np.testing.assert_array_equal(arg, expected[1])
+
+
 def test_roi_pool_argmax_of_a_strided_map_equals_that_of_a_contiguous_copy(rng, argmax_layout):
     big = np.round(rng.standard_normal((2, 3, 11, 26)), 1).astype(np.float32)
     x = big[..., ::2]  # columns not contiguous
@@ -216,7 +230,9 @@ def test_roi_pool_values_path_equals_the_argmax_path_bitwise(rng, values_layout,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_roi_pool_values_path_equals_the_argmax_path_bitwise_on_signed_zeros(rng, values_layout, argmax_layout, dtype):
+def test_roi_pool_values_path_equals_the_argmax_path_bitwise_on_signed_zeros(
+    rng, values_layout, argmax_layout, dtype
+):
     # maxima of 0.0 and -0.0 mixed: which zero a max keeps depends on the order it is
     # taken in, so both paths must take it in the same order
     shape = (2, 5, 20, 24)
@@ -275,7 +291,8 @@ def test_first_max_windows_takes_the_largest_key_among_the_columns_holding_the_m
     for q, (s, e) in enumerate(bins):
         top = values[:, s:e].max(axis=1)
         np.testing.assert_array_equal(best[:, q], top)
-        np.testing.assert_array_equal(key[:, q], np.where(values[:, s:e] == top[:, None], keys[:, s:e], 0).max(axis=1))
+        holding = np.where(values[:, s:e] == top[:, None], keys[:, s:e], 0)
+        np.testing.assert_array_equal(key[:, q], holding.max(axis=1))
     values[1, 4, 2] = np.nan  # a NaN max: nothing equals it, key 0
     _pooling.first_max_windows(values, keys, windows, best, key)
     assert np.isnan(best[1, 2, 2]) and key[1, 2, 2] == 0

@@ -155,7 +155,9 @@ def bin_max(a: np.ndarray, starts, ends, out: np.ndarray, rowwise: bool = False)
 _DESCENDING = np.arange(255, 0, -1, dtype=np.uint8)
 
 
-def first_max_rows(a: np.ndarray, starts, ends, top: int, values: np.ndarray, ranks: np.ndarray, work=None) -> None:
+def first_max_rows(
+    a: np.ndarray, starts, ends, top: int, values: np.ndarray, ranks: np.ndarray, work=None
+) -> None:
     """Max of each range of rows and which row holds it first.
 
     ``values[i] = a[starts[i]:ends[i]].max(axis=0)``, taken as :func:`bin_max` takes
@@ -205,7 +207,9 @@ def first_max_rows(a: np.ndarray, starts, ends, top: int, values: np.ndarray, ra
         np.maximum.reduce(scores[:n], axis=0, out=ranks[i])
 
 
-def first_max_windows(values: np.ndarray, keys: np.ndarray, windows: np.ndarray, best: np.ndarray, key: np.ndarray, work=None) -> None:
+def first_max_windows(
+    values: np.ndarray, keys: np.ndarray, windows: np.ndarray, best: np.ndarray, key: np.ndarray, work=None
+) -> None:
     """Max over windows of columns, and the largest key among the columns holding it.
 
     Parameters

@@ -1,11 +1,13 @@
 """RoIPool (Fast R-CNN): max over integer bins of a C-rounded box.
 
 Geometry comes from :func:`roilib.geometry.roi_pool_bins`. The maxima alone come from
-:func:`._pooling.bin_max` (rows, then columns); with their positions, and the tie rule,
-from :func:`._pooling.window_max`. The forward can return where each max came from
-(``return_argmax=True``, torchvision's format); the backward accepts it back
-(``argmax=``) and then only scatters, as torchvision's backward does with the argmax
-its forward saved. Without it the backward finds the maxima again.
+:func:`._pooling.bin_max` (rows, then columns); with their positions and the tie rule,
+rows first too, from :func:`._pooling.first_max_rows` and
+:func:`._pooling.first_max_windows` (:func:`._pooling.window_max` for NaN maxima). The
+forward can return where each max came from (``return_argmax=True``, torchvision's
+format); the backward accepts it back (``argmax=``) and then only scatters, as
+torchvision's backward does with the argmax its forward saved. Without it the backward
+finds the maxima again.
 """
 from __future__ import annotations
 
@@ -25,8 +27,12 @@ _CHUNK = 1 << 16
 #: which costs more per cell but copies nothing. Measured on the benchmark's map.
 VALUES_WHOLE_MAP_FRACTION = 2.5
 #: the same choice for the argmax search (:func:`_pool`)
-ARGMAX_WHOLE_MAP_FRACTION = 2.5
-#: boxes turned from int16 keys into int64 flat indices per step at the end of :func:`_pool`
+ARGMAX_WHOLE_MAP_FRACTION = 3.5
+#: a box read from the ``(N, C, H, W)`` map is searched a few channels at a time when all
+#: of them would need more work memory than this (:func:`_pool`)
+ARGMAX_WORK_BYTES = 4 << 20
+#: boxes per block of :func:`_pool`'s 16-bit offsets (each block is made int64 flat
+#: indices, then freed, at the end)
 _EXPAND_BOXES = 64
 
 
@@ -127,25 +133,31 @@ def _unsigned_or_wider(largest: int):
 
 
 class _Boxes:
-    """What :func:`_pool` knows of its boxes before reading the map (lists of Python ints
-    for the per-box loop, arrays for the vectorised steps)."""
+    """What :func:`_pool` knows of its boxes before reading the map: lists of Python ints
+    for the per-box loop, arrays for the steps over all boxes.
+
+    Where a max sits is carried as a key, then as an offset:
+
+    * in a bin row, row ``j`` of the bin ranks ``top - j`` (``top``: the box's tallest
+      bin), and a window of columns picks, among its columns holding the max, the
+      largest key ``rank * W + (S - 1 - column)``: the earliest row, then the smallest
+      column, so the first max in row-major order;
+    * that max sits at ``(hstart + top) * W + (c1 - 1) - key``, which is stored as the
+      offset ``end - position`` (``end = r1 * W + c1``, one past the box's last cell):
+      ``0 < offset <= R * W + S``, 16 bits on the benchmark's map.
+    """
 
     def __init__(self, rois, bins, h: int, w: int):
-        r0, r1, c0, c1, self.touches = _extents(bins, h, w)
-        self.bins = bins
-        # the tallest bin's rows: row j of a bin ranks top - j (uint8 ranks)
+        r0, r1, c0, c1, touching = _extents(bins, h, w)
+        self.bins, self.touches = bins, touching
         top = np.maximum(bins.hend - bins.hstart, 0).max(axis=1, initial=1)
-        # a key orders a window's candidates: rank * W + (S - 1 - column); the winner
-        # sits at (hstart + top) * W + (c1 - 1) - key, stored as end - that position,
-        # end = r1 * W + c1 being one past the box's last cell
         self.end = r1 * w + c1
-        self.offset = self.end[:, None] - ((bins.hstart + top[:, None]) * w + (c1 - 1)[:, None])  # (K, PH)
-        touching = self.touches
-        # keys and stored offsets share one dtype; uint16 sums may wrap on the way, the
-        # stored offsets (0 < end - position <= R * W + S) do not
+        # keys and offsets share one dtype; in uint16 a key plus its bin row's offset
+        # may wrap on the way, the offset it makes cannot
         largest = np.maximum((top + 1) * w, (r1 - r0) * w + (c1 - c0))[touching].max(initial=0)
         self.key = _unsigned_or_wider(int(largest))
-        self.offset = self.offset.astype(self.key)
+        row_offset = self.end[:, None] - (bins.hstart + top[:, None]) * w - (c1 - 1)[:, None]
+        self.row_offset = row_offset.astype(self.key)  # (K, PH): key + this = offset
         self.cells = int(np.sum(np.where(touching, (r1 - r0) * (c1 - c0), 0)))
         self.windows = _column_windows(bins, c0, touching)
         self.hs = (bins.hstart - r0[:, None]).tolist()
@@ -171,93 +183,125 @@ def _pool(input, rois, output_size, spatial_scale):
     among its columns holding the max, the one with the earliest row and then the
     smallest column (:func:`._pooling.first_max_windows`): the first in row-major order.
 
-    Each box's positions are kept as small unsigned offsets from the end of its block,
-    ``(K, C, PH, PW)`` uint16 on the benchmark's map, and made int64 flat indices at the
-    end, so the int64 result and a channels-last copy of the map are never alive at once.
-    Boxes with a NaN max (and bins of 256+ rows) have their argmax found the previous way,
-    :func:`._pooling.window_max`, which defines where a NaN max sits.
+    Positions are kept as 16-bit offsets (:class:`_Boxes`) until every box is done and
+    the channels-last copy of the map is freed, then made int64 flat indices, so the
+    two are never alive at once. Boxes with a NaN max (and bins of 256+ rows) have their
+    argmax found the previous way, :func:`._pooling.window_max`, which defines where a
+    NaN max sits.
     """
     n, c, h, w = input.shape
-    ph, pw = output_size
     bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, compute_dtype(input.dtype))
     boxes = _Boxes(rois, bins, h, w)
     out = np.zeros((rois.shape[0], c) + output_size, dtype=input.dtype)
-    stored = np.empty(out.shape, boxes.key)
+    # a block per _EXPAND_BOXES boxes, each freed once made int64: the offsets and the
+    # argmax are not alive whole at once either
+    blocks = range(0, len(out), _EXPAND_BOXES)
+    offsets = [np.empty(out[k : k + _EXPAND_BOXES].shape, boxes.key) for k in blocks]
     hwc = None
     if boxes.cells >= ARGMAX_WHOLE_MAP_FRACTION * n * h * w:
         hwc = np.ascontiguousarray(input.transpose(0, 2, 3, 1))
-    work = _Work(boxes, input.dtype, c, output_size, hwc is None)
+    step = _channels_per_step(boxes, input.dtype.itemsize, c, output_size, hwc is None)
+    work = _Work(boxes, step, input.dtype, output_size, hwc is None)
     others = []  # boxes whose argmax window_max finds: NaN maxima, bins of 256+ rows
     for k in boxes.order:
         if boxes.top[k] > 255:
             others.append(k)
             continue
-        best, key = _first_max_box(input, hwc, boxes, k, work)
-        out[k] = best.transpose(2, 0, 1)
-        if key.min() == 0:  # a window whose max is NaN: no column compared equal to it
-            others.append(k)
-        # key -> end - position: add end - (hstart + top) * W - (c1 - 1), per bin row
-        np.add(key, boxes.offset[k, :, None, None], out=key)
-        stored[k] = key.transpose(2, 0, 1)
+        image, r0, r1, c0, c1 = boxes.image[k], boxes.r0[k], boxes.r1[k], boxes.c0[k], boxes.c1[k]
+        for ch0 in range(0, c, step[k]):
+            ch1 = min(ch0 + step[k], c)
+            if hwc is not None:
+                best, key = _box_first_max(hwc[image, r0:r1, c0:c1], True, boxes, k, work, w)
+            else:
+                best, key = _box_first_max(input[image, ch0:ch1, r0:r1, c0:c1], False, boxes, k, work, w)
+            out[k, ch0:ch1] = best.transpose(2, 0, 1)
+            if key.min() == 0:  # a window whose max is NaN: no column compared equal to it
+                others.append(k)
+            np.add(key, boxes.row_offset[k, :, None, None], out=key)
+            offsets[k // _EXPAND_BOXES][k % _EXPAND_BOXES, ch0:ch1] = key.transpose(2, 0, 1)
     del hwc, work
     arg = np.empty(out.shape, np.int64)
-    for k0 in range(0, len(arg), _EXPAND_BOXES):
-        k1 = k0 + _EXPAND_BOXES
-        np.subtract(boxes.end[k0:k1, None, None, None], stored[k0:k1], out=arg[k0:k1])
-    del stored
+    for i, k in enumerate(blocks):
+        end = boxes.end[k : k + _EXPAND_BOXES, None, None, None]
+        np.subtract(end, offsets[i], out=arg[k : k + _EXPAND_BOXES])
+        offsets[i] = None
     empty = (bins.hend <= bins.hstart)[:, :, None] | (bins.wend <= bins.wstart)[:, None, :]  # (K, PH, PW)
     if empty.any():  # boxes partly or wholly off the map
         out.transpose(0, 2, 3, 1)[empty] = 0
         arg.transpose(0, 2, 3, 1)[empty] = -1
-    for k in others:
+    for k in dict.fromkeys(others):
         _pool_by_windows(input, boxes, k, out, arg)
     return out, arg
 
 
+def _channels_per_step(boxes: _Boxes, itemsize: int, c: int, output_size, copy_rows: bool) -> dict:
+    """Channels per step of each box: all of them, but for a large box read from the
+    ``(N, C, H, W)`` map only as many as keep its work buffers (its rows' copy above all)
+    under :data:`ARGMAX_WORK_BYTES`."""
+    if not copy_rows:
+        return dict.fromkeys(boxes.order, c)
+    ph, pw = output_size
+    step = {}
+    for k in boxes.order:
+        s, m = boxes.c1[k] - boxes.c0[k], len(boxes.windows[k])
+        values = (boxes.r1[k] - boxes.r0[k]) * s + 2 * ph * s + ph * m * pw  # per channel
+        small = (ph * s + ph * m * pw) * 3 + min(boxes.top[k], 255) * s  # ranks, keys, hits, scores
+        step[k] = int(min(c, max(1, ARGMAX_WORK_BYTES // (values * itemsize + small))))
+    return step
+
+
 class _Work:
-    """Flat work buffers for :func:`_first_max_box`, sized once for the largest box (the
-    per-box arrays are views of them)."""
+    """Flat work buffers for :func:`_box_first_max`, sized once for the largest step (the
+    per-step arrays are views of them)."""
 
-    def __init__(self, boxes: _Boxes, dtype, c: int, output_size, copy_rows: bool):
+    def __init__(self, boxes: _Boxes, step: dict, dtype, output_size, copy_rows: bool):
         ph, pw = output_size
-        span = lambda k: boxes.c1[k] - boxes.c0[k]  # noqa: E731
-        rows = boxes.largest(lambda k: ph * span(k) * c)
-        window = boxes.largest(lambda k: ph * len(boxes.windows[k]) * pw * c)
-        self.block = scratch(6, boxes.largest(lambda k: (boxes.r1[k] - boxes.r0[k]) * span(k) * c), dtype) if copy_rows else None
-        self.values, self.moved = scratch(3, rows, dtype), scratch(7, rows, dtype) if copy_rows else None
-        self.ranks, self.keys = scratch(4, rows, np.uint8), scratch(5, rows, boxes.key)
-        self.scores = scratch(8, boxes.largest(lambda k: min(boxes.top[k], 255) * span(k) * c), np.uint8)
-        self.windows = (scratch(9, window, dtype), scratch(10, window, np.bool_), scratch(11, window, boxes.key))
-        self.best, self.key = scratch(12, ph * pw * c, dtype), scratch(13, ph * pw * c, boxes.key)
+        key = boxes.key
+        largest = boxes.largest
+        span = {k: boxes.c1[k] - boxes.c0[k] for k in boxes.order}
+        rows = largest(lambda k: ph * span[k] * step[k])
+        window = largest(lambda k: ph * len(boxes.windows[k]) * pw * step[k])
+        self.values, self.ranks = scratch(3, rows, dtype), scratch(4, rows, np.uint8)
+        self.keys = scratch(5, rows, key)
+        self.block = self.moved = None
+        if copy_rows:
+            self.block = scratch(6, largest(lambda k: (boxes.r1[k] - boxes.r0[k]) * span[k] * step[k]), dtype)
+            self.moved = scratch(7, rows, dtype)
+        self.scores = scratch(8, largest(lambda k: min(boxes.top[k], 255) * span[k] * step[k]), np.uint8)
+        self.windows = (scratch(9, window, dtype), scratch(10, window, np.bool_), scratch(11, window, key))
+        outputs = ph * pw * largest(lambda k: step[k])
+        self.best, self.key = scratch(12, outputs, dtype), scratch(13, outputs, key)
 
 
-def _first_max_box(input, hwc, boxes: _Boxes, k: int, work: _Work):
-    """One box's maxima and their keys, both ``(PH, PW, C)`` (views of ``work``)."""
-    c = input.shape[1]
-    w = input.shape[3]
+def _box_first_max(block, channels_last: bool, boxes: _Boxes, k: int, work: _Work, w: int):
+    """Box ``k``'s maxima and their keys (:class:`_Boxes`) over some channels, both
+    ``(PH, PW, C)`` (views of ``work``), from its block of the map: ``(R, S, C)`` (a
+    view of the channels-last copy) or ``(C, R, S)`` (a view of the map)."""
+    if channels_last:
+        rows, s, c = block.shape
+    else:
+        c, rows, s = block.shape
     ph, pw = len(boxes.hs[k]), boxes.windows[k].shape[1]
-    r0, r1, c0, c1 = boxes.r0[k], boxes.r1[k], boxes.c0[k], boxes.c1[k]
-    rows, s = r1 - r0, c1 - c0
     values = work.values[: ph * s * c].reshape(ph, s * c)
     ranks = work.ranks[: ph * s * c].reshape(ph, s * c)
     keys = work.keys[: ph * s * c].reshape(ph, s, c)
-    if hwc is not None:
-        block = hwc[boxes.image[k], r0:r1, c0:c1].reshape(rows, s * c)  # (R, S * C)
-        first_max_rows(block, boxes.hs[k], boxes.he[k], boxes.top[k], values, ranks, work.scores)
+    starts, ends, top = boxes.hs[k], boxes.he[k], boxes.top[k]
+    if channels_last:
+        first_max_rows(block.reshape(rows, s * c), starts, ends, top, values, ranks, work.scores)
         values = values.reshape(ph, s, c)
         np.multiply(ranks.reshape(ph, s, c), keys.dtype.type(w), out=keys)
     else:
-        block = work.block[: rows * c * s].reshape(rows, c, s)
-        _copy_rows(input[boxes.image[k], :, r0:r1, c0:c1], block)
-        first_max_rows(block.reshape(rows, c * s), boxes.hs[k], boxes.he[k], boxes.top[k], values, ranks, work.scores)
+        copy = work.block[: rows * c * s].reshape(rows, c, s)
+        _copy_rows(block, copy)
+        first_max_rows(copy.reshape(rows, c * s), starts, ends, top, values, ranks, work.scores)
         # channels last for the columns: a window then reduces contiguous channels
         moved = work.moved[: ph * s * c].reshape(ph, s, c)
         np.copyto(moved, values.reshape(ph, c, s).transpose(0, 2, 1))
         values = moved
         np.multiply(ranks.reshape(ph, c, s).transpose(0, 2, 1), keys.dtype.type(w), out=keys)
     np.add(keys, np.arange(s - 1, -1, -1, dtype=keys.dtype)[:, None], out=keys)
-    best = work.best.reshape(ph, pw, c)
-    key = work.key.reshape(ph, pw, c)
+    best = work.best[: ph * pw * c].reshape(ph, pw, c)
+    key = work.key[: ph * pw * c].reshape(ph, pw, c)
     first_max_windows(values, keys, boxes.windows[k], best, key, work.windows)
     return best, key
 
