@@ -67,7 +67,7 @@ def _values(input, rois, output_size, spatial_scale) -> np.ndarray:
     cells = int(np.sum(np.where(touches, (r1 - r0) * (c1 - c0), 0)))
     hwc = None
     if cells >= VALUES_WHOLE_MAP_FRACTION * n * h * w:
-        hwc = np.ascontiguousarray(input.transpose(0, 2, 3, 1))
+        hwc = _channels_last(input)
     # bin edges relative to each box's block, as Python ints (read once per bin)
     hs, he = (bins.hstart - r0[:, None]).tolist(), (bins.hend - r0[:, None]).tolist()
     ws, we = (bins.wstart - c0[:, None]).tolist(), (bins.wend - c0[:, None]).tolist()
@@ -99,18 +99,33 @@ def _values(input, rois, output_size, spatial_scale) -> np.ndarray:
 
 def _column_windows(bins, c0: np.ndarray, touches: np.ndarray) -> list:
     """Each touching box's column bins as padded windows ``(M, PW)`` of column indices
-    relative to its first column: a short bin repeats its last column, an empty one
-    reads column 0 (its output is emptied afterwards)."""
+    relative to its first column (``None`` for the others): a short bin repeats its last
+    column, an empty one reads column 0 (its output is emptied afterwards). Boxes whose
+    longest bin has the same width are done together."""
     ws, we = bins.wstart - c0[:, None], bins.wend - c0[:, None]
     lengths = np.maximum(we - ws, 0)
-    windows = []
-    for k in range(len(ws)):
-        if touches[k]:
-            j = np.arange(max(int(lengths[k].max()), 1))[:, None]
-            windows.append(np.where(lengths[k] > 0, np.minimum(ws[k] + j, we[k] - 1), 0))
-        else:
-            windows.append(None)
+    longest = np.maximum(lengths.max(axis=1, initial=1), 1)
+    windows = [None] * len(ws)
+    for m in np.unique(longest[touches]).tolist():
+        boxes = np.flatnonzero(touches & (longest == m))
+        start, end = ws[boxes, None, :], we[boxes, None, :]
+        j = np.arange(m)[:, None]
+        index = np.where(lengths[boxes, None, :] > 0, np.minimum(start + j, end - 1), 0)  # (B, M, PW)
+        for i, k in enumerate(boxes.tolist()):
+            windows[k] = index[i]
     return windows
+
+
+def _channels_last(x: np.ndarray) -> np.ndarray:
+    """``(N, C, H, W)`` -> contiguous ``(N, H, W, C)``, copied in tiles of a few rows and
+    64 channels: each tile's reads and writes stay in cache, which makes the copy about
+    a third cheaper than one transposing copy of the whole map."""
+    n, c, h, w = x.shape
+    out = np.empty((n, h, w, c), x.dtype)
+    for r in range(0, h, 4):
+        for g in range(0, c, 64):
+            np.copyto(out[:, r : r + 4, :, g : g + 64], x[:, g : g + 64, r : r + 4].transpose(0, 2, 3, 1))
+    return out
 
 
 def _copy_rows(block: np.ndarray, out: np.ndarray) -> None:
@@ -199,7 +214,7 @@ def _pool(input, rois, output_size, spatial_scale):
     offsets = [np.empty(out[k : k + _EXPAND_BOXES].shape, boxes.key) for k in blocks]
     hwc = None
     if boxes.cells >= ARGMAX_WHOLE_MAP_FRACTION * n * h * w:
-        hwc = np.ascontiguousarray(input.transpose(0, 2, 3, 1))
+        hwc = _channels_last(input)
     step = _channels_per_step(boxes, input.dtype.itemsize, c, output_size, hwc is None)
     work = _Work(boxes, step, input.dtype, output_size, hwc is None)
     others = []  # boxes whose argmax window_max finds: NaN maxima, bins of 256+ rows
