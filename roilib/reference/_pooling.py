@@ -9,6 +9,12 @@ instead of ``argmax`` along a strided axis, which is an order of magnitude slowe
 :func:`bin_max` only takes maxima. A max does not depend on the order it is taken in
 (NaN included: ``np.maximum`` propagates it), so it reduces rows first, the direction
 in which a map's memory is contiguous in either layout, and needs no channels-last copy.
+
+:func:`first_max_rows` and :func:`first_max_windows` find the maxima rows first too,
+and where they sit with the same tie rule: the first row of a range holding its max
+(compared after the max, a contiguous pass), then, among a window's columns holding
+the max, the one whose key (earliest row, then smallest column) is largest. Their
+maxima are taken in :func:`bin_max`'s order, so even the sign of a zero max agrees.
 """
 from __future__ import annotations
 
@@ -235,12 +241,14 @@ def first_max_windows(
     size = p * m * q * c
     if work is None:
         work = (scratch(9, size, values.dtype), scratch(10, size, np.bool_), scratch(11, size, keys.dtype))
-    gathered, hits, scores = (buf[:size].reshape(p, m * q, c) for buf in work)
+    gathered, scores = work[0][:size].reshape(p, m * q, c), work[2][:size].reshape(p, m * q, c)
     flat = windows.reshape(-1)
     np.take(values, flat, axis=1, out=gathered, mode="clip")  # mode="raise" would buffer out
     np.take(keys, flat, axis=1, out=scores, mode="clip")
-    gathered, hits, scores = (a.reshape(p, m, q * c) for a in (gathered, hits, scores))
-    np.maximum.reduce(gathered, axis=1, out=best.reshape(p, q * c))
-    np.equal(gathered, best.reshape(p, 1, q * c), out=hits)
+    gathered, scores = gathered.reshape(p, m, q * c), scores.reshape(p, m, q * c)
+    hits = work[1][:size].reshape(p, m, q * c)
+    best = best.reshape(p, q * c)
+    np.maximum.reduce(gathered, axis=1, out=best)
+    np.equal(gathered, best[:, None], out=hits)
     np.multiply(scores, hits, out=scores)
     np.maximum.reduce(scores, axis=1, out=key.reshape(p, q * c))

@@ -104,7 +104,7 @@ def _column_windows(bins, c0: np.ndarray, touches: np.ndarray) -> list:
     longest bin has the same width are done together."""
     ws, we = bins.wstart - c0[:, None], bins.wend - c0[:, None]
     lengths = np.maximum(we - ws, 0)
-    longest = np.maximum(lengths.max(axis=1, initial=1), 1)
+    longest = lengths.max(axis=1, initial=1)
     windows = [None] * len(ws)
     for m in np.unique(longest[touches]).tolist():
         boxes = np.flatnonzero(touches & (longest == m))
@@ -286,6 +286,11 @@ class _Work:
         self.windows = (scratch(9, window, dtype), scratch(10, window, np.bool_), scratch(11, window, key))
         outputs = ph * pw * largest(lambda k: step[k])
         self.best, self.key = scratch(12, outputs, dtype), scratch(13, outputs, key)
+        self._reversed = np.arange(largest(lambda k: span[k]) - 1, -1, -1, dtype=key)[:, None]
+
+    def columns_reversed(self, s: int) -> np.ndarray:
+        """``S - 1 - column`` for the columns of a box ``S`` wide, ``(S, 1)``."""
+        return self._reversed[len(self._reversed) - s :]
 
 
 def _box_first_max(block, channels_last: bool, boxes: _Boxes, k: int, work: _Work, w: int):
@@ -314,7 +319,7 @@ def _box_first_max(block, channels_last: bool, boxes: _Boxes, k: int, work: _Wor
         np.copyto(moved, values.reshape(ph, c, s).transpose(0, 2, 1))
         values = moved
         np.multiply(ranks.reshape(ph, c, s).transpose(0, 2, 1), keys.dtype.type(w), out=keys)
-    np.add(keys, np.arange(s - 1, -1, -1, dtype=keys.dtype)[:, None], out=keys)
+    np.add(keys, work.columns_reversed(s), out=keys)
     best = work.best[: ph * pw * c].reshape(ph, pw, c)
     key = work.key[: ph * pw * c].reshape(ph, pw, c)
     first_max_windows(values, keys, boxes.windows[k], best, key, work.windows)
