@@ -7,6 +7,10 @@ the input), each against its nearest torchvision peer:
 
 * ``roi_align`` (``aligned=True``, ``sampling_ratio`` 2 and -1) and ``roi_pool``:
   ``torchvision.ops.roi_align`` / ``roi_pool`` with the same arguments;
+* ``roi_pool +argmax``: ``roi_pool(..., return_argmax=True)``, the forward a training
+  step runs (``roilib.torch`` keeps the argmax for the backward), against the same
+  torchvision forward, which always finds its argmax. Forward only: the backward that
+  uses the argmax is the ``roi_pool`` backward row;
 * ``roi_warp`` (MNC's layer, ``sampling_ratio=2``): torchvision has no RoIWarp, so the
   peer is ``roi_align`` of the rounded boxes with sampling ratio 2, the same amount of
   bilinear work per bin;
@@ -57,12 +61,13 @@ CASES = [
     ("roi_align sr=2 aligned", "roi_align", dict(sampling_ratio=2, aligned=True)),
     ("roi_align sr=-1 aligned", "roi_align", dict(sampling_ratio=-1, aligned=True)),
     ("roi_pool", "roi_pool", dict()),
+    ("roi_pool +argmax", "roi_pool", dict(return_argmax=True)),
     ("roi_warp sr=2", "roi_warp", dict(sampling_ratio=2)),
     ("spp 4,2,1 max", "spp", dict(levels=SPP_LEVELS, mode="max")),
 ]
 #: the cases the scaling table sweeps (indices into CASES; the R-FCN ops appended below
 #: join them, sweeping only the number of boxes: their map is R-FCN's)
-SCALING_CASES = (0, 2, 3, 4)
+SCALING_CASES = (0, 2, 4, 5)
 #: base point of the scaling sweeps and the values each axis takes
 SCALING_BASE = dict(boxes=256, channels=256, map_hw=(200, 272))
 SCALING_AXES = dict(
@@ -130,6 +135,11 @@ def _reset_peak() -> bool:
         return False
 
 
+def _forward_only(kwargs: dict) -> bool:
+    """Whether a case has no backward row of its own (``roi_pool +argmax``)."""
+    return bool(kwargs.get("return_argmax"))
+
+
 def _roilib_runner(op, kwargs, backward, x, rois, g):
     import roilib
 
@@ -137,6 +147,10 @@ def _roilib_runner(op, kwargs, backward, x, rois, g):
         args = (x,)
     else:
         args = (x, rois, OUTPUT_SIZE, SPATIAL_SCALE)
+    if _forward_only(kwargs):
+        if not backward:  # the maxima are compared with torchvision's
+            return lambda: roilib.roi_pool(*args, return_argmax=True)[0]
+        kwargs = {}  # the backward is roi_pool's
     if backward:
         fn = getattr(roilib, op + "_backward")
         if op == "roi_pool":
@@ -168,6 +182,7 @@ def _torch_peer(op: str, kwargs: dict, rois):
         return lambda xt: torchvision.ops.roi_align(xt, rt, OUTPUT_SIZE, 1.0, ratio, False)
     fn = getattr(torchvision.ops, op)
     rt = torch.from_numpy(rois)
+    kwargs = {} if _forward_only(kwargs) else kwargs  # torchvision's forward always finds its argmax
     return lambda xt: fn(xt, rt, OUTPUT_SIZE, SPATIAL_SCALE, **kwargs)
 
 
@@ -312,12 +327,12 @@ def run_cpu(repeat: int, threads: int, box_counts=BOX_COUNTS, only: Optional[str
     channels, map_hw = MAP_SHAPE[1], MAP_SHAPE[2:]
     rows = []
     for i, boxes in enumerate(box_counts):
-        for case, (label, op, _) in enumerate(CASES):
+        for case, (label, op, kwargs) in enumerate(CASES):
             if (op == "spp" or op in _FAMILY_RUNNERS) and i > 0:
                 continue
             if only and only not in label:
                 continue
-            for backward in (False, True):
+            for backward in (False,) if _forward_only(kwargs) else (False, True):
                 rows.append(_row(case, backward, boxes, channels, map_hw, repeat, threads, peers))
     return rows
 

@@ -9,6 +9,12 @@ instead of ``argmax`` along a strided axis, which is an order of magnitude slowe
 :func:`bin_max` only takes maxima. A max does not depend on the order it is taken in
 (NaN included: ``np.maximum`` propagates it), so it reduces rows first, the direction
 in which a map's memory is contiguous in either layout, and needs no channels-last copy.
+
+:func:`first_max_rows` and :func:`first_max_windows` find the maxima rows first too,
+and where they sit with the same tie rule: the first row of a range holding its max
+(compared after the max, a contiguous pass), then, among a window's columns holding
+the max, the one whose key (earliest row, then smallest column) is largest. Their
+maxima are taken in :func:`bin_max`'s order, so even the sign of a zero max agrees.
 """
 from __future__ import annotations
 
@@ -149,3 +155,100 @@ def bin_max(a: np.ndarray, starts, ends, out: np.ndarray, rowwise: bool = False)
             for r in range(s + 2, e):
                 np.maximum(acc, rows[r], out=acc)
     return out
+
+
+#: ranks 255, 254, ..., 1: row ``j`` of a range scores ``top - j`` (a slice of this)
+_DESCENDING = np.arange(255, 0, -1, dtype=np.uint8)
+
+
+def first_max_rows(
+    a: np.ndarray, starts, ends, top: int, values: np.ndarray, ranks: np.ndarray, work=None
+) -> None:
+    """Max of each range of rows and which row holds it first.
+
+    ``values[i] = a[starts[i]:ends[i]].max(axis=0)``, taken as :func:`bin_max` takes
+    it (so the bits agree), and ``ranks[i] = top - j`` where row ``starts[i] + j`` is
+    the first row of the range equal to that max. Ranks grow toward the first row, so
+    a caller can break ties between columns with a plain maximum.
+
+    The first row is found after the max: the rows but the last are compared with it
+    (one pass), each hit scored with its rank and the scores max-reduced; the last row
+    scores its rank without a comparison (if no other row holds the max, it does). A
+    NaN max equals nothing, so its rank is the last row's: a caller that cares finds
+    NaN maxima again.
+
+    Parameters
+    ----------
+    a : ndarray, shape (L, X)
+        Rows, each contiguous (``X`` = columns x channels, in either order).
+    starts, ends : sequences of int, length P
+        The ranges ``[start, end)`` (Python ints: this runs once per range).
+    top : int
+        At least the longest range, and at most 255.
+    values : ndarray, shape (P, X), ``a``'s dtype
+    ranks : ndarray of uint8, shape (P, X)
+        Written in place. An empty range gives value 0 and rank ``top`` (a placeholder
+        for bins the caller empties).
+    work : ndarray of uint8, at least ``top * X`` elements, optional
+        Room for the scores (a :func:`scratch` buffer if not given).
+    """
+    x = a.shape[1]
+    scores = (scratch(8, top * x, np.uint8) if work is None else work[: top * x]).reshape(top, x)
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        n = e - s
+        if n <= 1:
+            values[i] = a[s] if n == 1 else 0
+            ranks[i] = top
+            continue
+        if n == 2:
+            np.maximum(a[s], a[s + 1], out=values[i])
+            # rank top if the first row holds the max, else top - 1
+            np.equal(a[s], values[i], out=ranks[i].view(np.bool_))
+            ranks[i] += top - 1
+            continue
+        np.maximum.reduce(a[s:e], axis=0, out=values[i])
+        np.equal(a[s : e - 1], values[i], out=scores[: n - 1].view(np.bool_))
+        scores[n - 1] = 1  # a memset: cheaper than comparing the last row, or a maximum with a scalar
+        np.multiply(scores[:n], _DESCENDING[255 - top : 255 - top + n, None], out=scores[:n])
+        np.maximum.reduce(scores[:n], axis=0, out=ranks[i])
+
+
+def first_max_windows(
+    values: np.ndarray, keys: np.ndarray, windows: np.ndarray, best: np.ndarray, key: np.ndarray, work=None
+) -> None:
+    """Max over windows of columns, and the largest key among the columns holding it.
+
+    Parameters
+    ----------
+    values : ndarray, shape (P, S, C)
+        Channels-last rows (one per bin row).
+    keys : ndarray of int, shape (P, S, C)
+        Positive tie-breakers: among the columns of a window equal to its max, the one
+        with the largest key wins.
+    windows : ndarray of int, shape (M, Q)
+        Column ``j`` of window ``q`` is ``windows[j, q]``; a window shorter than ``M``
+        repeats its last column (a repeat changes neither the max, nor its bits, nor
+        the winning key).
+    best : ndarray, shape (P, Q, C), ``values``' dtype
+        The window maxima, taken in column order as :func:`bin_max` takes them.
+    key : ndarray, shape (P, Q, C), ``keys``' dtype
+        The winning keys; 0 where no column equals the max (a NaN max).
+    work : three flat ndarrays, optional
+        Room for ``P * M * Q * C`` values, bools and keys (:func:`scratch` if not given).
+    """
+    p, _, c = values.shape
+    m, q = windows.shape
+    size = p * m * q * c
+    if work is None:
+        work = (scratch(9, size, values.dtype), scratch(10, size, np.bool_), scratch(11, size, keys.dtype))
+    gathered, scores = work[0][:size].reshape(p, m * q, c), work[2][:size].reshape(p, m * q, c)
+    flat = windows.reshape(-1)
+    np.take(values, flat, axis=1, out=gathered, mode="clip")  # mode="raise" would buffer out
+    np.take(keys, flat, axis=1, out=scores, mode="clip")
+    gathered, scores = gathered.reshape(p, m, q * c), scores.reshape(p, m, q * c)
+    hits = work[1][:size].reshape(p, m, q * c)
+    best = best.reshape(p, q * c)
+    np.maximum.reduce(gathered, axis=1, out=best)
+    np.equal(gathered, best[:, None], out=hits)
+    np.multiply(scores, hits, out=scores)
+    np.maximum.reduce(scores, axis=1, out=key.reshape(p, q * c))

@@ -1,11 +1,13 @@
 """RoIPool (Fast R-CNN): max over integer bins of a C-rounded box.
 
 Geometry comes from :func:`roilib.geometry.roi_pool_bins`. The maxima alone come from
-:func:`._pooling.bin_max` (rows, then columns); with their positions, and the tie rule,
-from :func:`._pooling.window_max`. The forward can return where each max came from
-(``return_argmax=True``, torchvision's format); the backward accepts it back
-(``argmax=``) and then only scatters, as torchvision's backward does with the argmax
-its forward saved. Without it the backward finds the maxima again.
+:func:`._pooling.bin_max` (rows, then columns); with their positions and the tie rule,
+rows first too, from :func:`._pooling.first_max_rows` and
+:func:`._pooling.first_max_windows` (:func:`._pooling.window_max` for NaN maxima). The
+forward can return where each max came from (``return_argmax=True``, torchvision's
+format); the backward accepts it back (``argmax=``) and then only scatters, as
+torchvision's backward does with the argmax its forward saved. Without it the backward
+finds the maxima again.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 from .. import _validate as v
 from ..geometry import roi_pool_bins
 from ._layout import MapBlocks, compute_dtype
-from ._pooling import bin_max, scratch, window_max
+from ._pooling import bin_max, first_max_rows, first_max_windows, scratch, window_max
 
 
 #: outputs scattered per step of the backward (an index array of 512 KiB, in cache)
@@ -24,6 +26,14 @@ _CHUNK = 1 << 16
 #: channel vectors); fewer boxes read their rows straight from the ``(N, C, H, W)`` map,
 #: which costs more per cell but copies nothing. Measured on the benchmark's map.
 VALUES_WHOLE_MAP_FRACTION = 2.5
+#: the same choice for the argmax search (:func:`_pool`)
+ARGMAX_WHOLE_MAP_FRACTION = 3.5
+#: a box read from the ``(N, C, H, W)`` map is searched a few channels at a time when all
+#: of them would need more work memory than this (:func:`_pool`)
+ARGMAX_WORK_BYTES = 4 << 20
+#: boxes per block of :func:`_pool`'s 16-bit offsets (each block is made int64 flat
+#: indices, then freed, at the end)
+_EXPAND_BOXES = 64
 
 
 def _check(input, rois, output_size, spatial_scale):
@@ -57,7 +67,7 @@ def _values(input, rois, output_size, spatial_scale) -> np.ndarray:
     cells = int(np.sum(np.where(touches, (r1 - r0) * (c1 - c0), 0)))
     hwc = None
     if cells >= VALUES_WHOLE_MAP_FRACTION * n * h * w:
-        hwc = np.ascontiguousarray(input.transpose(0, 2, 3, 1))
+        hwc = _channels_last(input)
     # bin edges relative to each box's block, as Python ints (read once per bin)
     hs, he = (bins.hstart - r0[:, None]).tolist(), (bins.hend - r0[:, None]).tolist()
     ws, we = (bins.wstart - c0[:, None]).tolist(), (bins.wend - c0[:, None]).tolist()
@@ -87,32 +97,247 @@ def _values(input, rois, output_size, spatial_scale) -> np.ndarray:
     return out
 
 
-def _pool(input, rois, output_size, spatial_scale, with_arg):
-    """Maxima ``(K, C, PH, PW)`` in the input's dtype and, with ``with_arg``, argmax (same shape).
+def _column_windows(bins, c0: np.ndarray, touches: np.ndarray) -> list:
+    """Each touching box's column bins as padded windows ``(M, PW)`` of column indices
+    relative to its first column (``None`` for the others): a short bin repeats its last
+    column, an empty one reads column 0 (its output is emptied afterwards). Boxes whose
+    longest bin has the same width are done together."""
+    ws, we = bins.wstart - c0[:, None], bins.wend - c0[:, None]
+    lengths = np.maximum(we - ws, 0)
+    longest = lengths.max(axis=1, initial=1)
+    windows = [None] * len(ws)
+    for m in np.unique(longest[touches]).tolist():
+        boxes = np.flatnonzero(touches & (longest == m))
+        start, end = ws[boxes, None, :], we[boxes, None, :]
+        j = np.arange(m)[:, None]
+        index = np.where(lengths[boxes, None, :] > 0, np.minimum(start + j, end - 1), 0)  # (B, M, PW)
+        for i, k in enumerate(boxes.tolist()):
+            windows[k] = index[i]
+    return windows
 
-    Each box's result is written straight into the ``(K, C, PH, PW)`` arrays, so no
-    channels-last copy of the whole output is made."""
+
+def _channels_last(x: np.ndarray) -> np.ndarray:
+    """``(N, C, H, W)`` -> contiguous ``(N, H, W, C)``, copied in tiles of a few rows and
+    64 channels: each tile's reads and writes stay in cache, which makes the copy about
+    a third cheaper than one transposing copy of the whole map."""
+    n, c, h, w = x.shape
+    out = np.empty((n, h, w, c), x.dtype)
+    for r in range(0, h, 4):
+        for g in range(0, c, 64):
+            np.copyto(out[:, r : r + 4, :, g : g + 64], x[:, g : g + 64, r : r + 4].transpose(0, 2, 3, 1))
+    return out
+
+
+def _copy_rows(block: np.ndarray, out: np.ndarray) -> None:
+    """``out[r, ch] = block[ch, r]``: a box's rows of an ``(N, C, H, W)`` map, ``(C, R, S)``,
+    copied row-major ``(R, C, S)``, so every later pass over them is contiguous.
+
+    Each row segment is copied as one item of ``S`` values (a void view): NumPy then
+    moves ``C * R`` segments instead of looping over ``S`` values ``C * R`` times, which
+    costs about a third less for segments of a few tens of values."""
+    if block.strides[-1] != block.itemsize:
+        np.copyto(out, block.transpose(1, 0, 2))
+        return
+    segment = np.dtype((np.void, block.shape[-1] * block.itemsize))
+    np.copyto(out.view(segment)[..., 0], block.view(segment)[..., 0].T)
+
+
+def _unsigned_or_wider(largest: int):
+    """The smallest of uint16, int32, int64 holding ``0..largest``."""
+    return np.uint16 if largest < 2**16 else np.int32 if largest < 2**31 else np.int64
+
+
+class _Boxes:
+    """What :func:`_pool` knows of its boxes before reading the map: lists of Python ints
+    for the per-box loop, arrays for the steps over all boxes.
+
+    Where a max sits is carried as a key, then as an offset:
+
+    * in a bin row, row ``j`` of the bin ranks ``top - j`` (``top``: the box's tallest
+      bin), and a window of columns picks, among its columns holding the max, the
+      largest key ``rank * W + (S - 1 - column)``: the earliest row, then the smallest
+      column, so the first max in row-major order;
+    * that max sits at ``(hstart + top) * W + (c1 - 1) - key``, which is stored as the
+      offset ``end - position`` (``end = r1 * W + c1``, one past the box's last cell):
+      ``0 < offset <= R * W + S``, 16 bits on the benchmark's map.
+    """
+
+    def __init__(self, rois, bins, h: int, w: int):
+        r0, r1, c0, c1, touching = _extents(bins, h, w)
+        self.bins, self.touches = bins, touching
+        top = np.maximum(bins.hend - bins.hstart, 0).max(axis=1, initial=1)
+        self.end = r1 * w + c1
+        # keys and offsets share one dtype; in uint16 a key plus its bin row's offset
+        # may wrap on the way, the offset it makes cannot
+        largest = np.maximum((top + 1) * w, (r1 - r0) * w + (c1 - c0))[touching].max(initial=0)
+        self.key = _unsigned_or_wider(int(largest))
+        row_offset = self.end[:, None] - (bins.hstart + top[:, None]) * w - (c1 - 1)[:, None]
+        self.row_offset = row_offset.astype(self.key)  # (K, PH): key + this = offset
+        self.cells = int(np.sum(np.where(touching, (r1 - r0) * (c1 - c0), 0)))
+        self.windows = _column_windows(bins, c0, touching)
+        self.hs = (bins.hstart - r0[:, None]).tolist()
+        self.he = (bins.hend - r0[:, None]).tolist()
+        image = rois[:, 0].astype(np.int64)
+        order = np.flatnonzero(touching)
+        # in map order: neighbours share rows, which the previous box left in cache
+        self.order = order[np.lexsort((c0[order], r0[order], image[order]))].tolist()
+        self.image, self.top = image.tolist(), top.tolist()
+        self.r0, self.r1, self.c0, self.c1 = r0.tolist(), r1.tolist(), c0.tolist(), c1.tolist()
+
+    def largest(self, per_box) -> int:
+        """``max(per_box(k))`` over the touching boxes (0 if none)."""
+        return max((per_box(k) for k in self.order), default=0)
+
+
+def _pool(input, rois, output_size, spatial_scale):
+    """Maxima ``(K, C, PH, PW)`` in the input's dtype and torchvision's argmax (int64).
+
+    The maxima are :func:`_values`' (the same reductions, so the same bits). Where they
+    sit is found on the way: each bin row's rows are compared with their max (the first
+    row holding it, :func:`._pooling.first_max_rows`), then each window of columns takes,
+    among its columns holding the max, the one with the earliest row and then the
+    smallest column (:func:`._pooling.first_max_windows`): the first in row-major order.
+
+    Positions are kept as 16-bit offsets (:class:`_Boxes`) until every box is done and
+    the channels-last copy of the map is freed, then made int64 flat indices, so the
+    two are never alive at once. Boxes with a NaN max (and bins of 256+ rows) have their
+    argmax found the previous way, :func:`._pooling.window_max`, which defines where a
+    NaN max sits.
+    """
     n, c, h, w = input.shape
-    dtype = compute_dtype(input.dtype)
-    bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, dtype)
-    r0, r1 = bins.hstart.min(axis=1, initial=h), bins.hend.max(axis=1, initial=0)
-    c0, c1 = bins.wstart.min(axis=1, initial=w), bins.wend.max(axis=1, initial=0)
-    touches = (r1 > r0) & (c1 > c0)
-    cells = int(np.sum(np.where(touches, (r1 - r0) * (c1 - c0), 0)))
-    blocks = MapBlocks(input, cells)
+    bins = roi_pool_bins(rois, output_size, spatial_scale, h, w, compute_dtype(input.dtype))
+    boxes = _Boxes(rois, bins, h, w)
     out = np.zeros((rois.shape[0], c) + output_size, dtype=input.dtype)
-    arg = np.full(out.shape, -1, dtype=np.int64) if with_arg else None
-    for k in np.flatnonzero(touches).tolist():
-        a, b, e, f = int(r0[k]), int(r1[k]), int(c0[k]), int(c1[k])
-        region = blocks.block(int(rois[k, 0]), a, b, e, f)
-        row_bins = (bins.hstart[k] - a, bins.hend[k] - a)
-        col_bins = (bins.wstart[k] - e, bins.wend[k] - e)
-        values, ar, ac, empty = window_max(region, row_bins, col_bins, with_arg)
-        out[k] = values.transpose(2, 0, 1)
-        if with_arg:
-            # torchvision's argmax: the flat index h * W + w in the map, -1 for empty bins
-            arg[k] = np.where(empty[..., None], -1, (ar + a) * w + ac + e).transpose(2, 0, 1)
+    # a block per _EXPAND_BOXES boxes, each freed once made int64: the offsets and the
+    # argmax are not alive whole at once either
+    blocks = range(0, len(out), _EXPAND_BOXES)
+    offsets = [np.empty(out[k : k + _EXPAND_BOXES].shape, boxes.key) for k in blocks]
+    hwc = None
+    if boxes.cells >= ARGMAX_WHOLE_MAP_FRACTION * n * h * w:
+        hwc = _channels_last(input)
+    step = _channels_per_step(boxes, input.dtype.itemsize, c, output_size, hwc is None)
+    work = _Work(boxes, step, input.dtype, output_size, hwc is None)
+    others = []  # boxes whose argmax window_max finds: NaN maxima, bins of 256+ rows
+    for k in boxes.order:
+        if boxes.top[k] > 255:
+            others.append(k)
+            continue
+        image, r0, r1, c0, c1 = boxes.image[k], boxes.r0[k], boxes.r1[k], boxes.c0[k], boxes.c1[k]
+        for ch0 in range(0, c, step[k]):
+            ch1 = min(ch0 + step[k], c)
+            if hwc is not None:
+                best, key = _box_first_max(hwc[image, r0:r1, c0:c1], True, boxes, k, work, w)
+            else:
+                best, key = _box_first_max(input[image, ch0:ch1, r0:r1, c0:c1], False, boxes, k, work, w)
+            out[k, ch0:ch1] = best.transpose(2, 0, 1)
+            if key.min() == 0:  # a window whose max is NaN: no column compared equal to it
+                others.append(k)
+            np.add(key, boxes.row_offset[k, :, None, None], out=key)
+            offsets[k // _EXPAND_BOXES][k % _EXPAND_BOXES, ch0:ch1] = key.transpose(2, 0, 1)
+    del hwc, work
+    arg = np.empty(out.shape, np.int64)
+    for i, k in enumerate(blocks):
+        end = boxes.end[k : k + _EXPAND_BOXES, None, None, None]
+        np.subtract(end, offsets[i], out=arg[k : k + _EXPAND_BOXES])
+        offsets[i] = None
+    empty = (bins.hend <= bins.hstart)[:, :, None] | (bins.wend <= bins.wstart)[:, None, :]  # (K, PH, PW)
+    if empty.any():  # boxes partly or wholly off the map
+        out.transpose(0, 2, 3, 1)[empty] = 0
+        arg.transpose(0, 2, 3, 1)[empty] = -1
+    for k in dict.fromkeys(others):
+        _pool_by_windows(input, boxes, k, out, arg)
     return out, arg
+
+
+def _channels_per_step(boxes: _Boxes, itemsize: int, c: int, output_size, copy_rows: bool) -> dict:
+    """Channels per step of each box: all of them, but for a large box read from the
+    ``(N, C, H, W)`` map only as many as keep its work buffers (its rows' copy above all)
+    under :data:`ARGMAX_WORK_BYTES`."""
+    if not copy_rows:
+        return dict.fromkeys(boxes.order, c)
+    ph, pw = output_size
+    step = {}
+    for k in boxes.order:
+        s, m = boxes.c1[k] - boxes.c0[k], len(boxes.windows[k])
+        values = (boxes.r1[k] - boxes.r0[k]) * s + 2 * ph * s + ph * m * pw  # per channel
+        small = (ph * s + ph * m * pw) * 3 + min(boxes.top[k], 255) * s  # ranks, keys, hits, scores
+        step[k] = int(min(c, max(1, ARGMAX_WORK_BYTES // (values * itemsize + small))))
+    return step
+
+
+class _Work:
+    """Flat work buffers for :func:`_box_first_max`, sized once for the largest step (the
+    per-step arrays are views of them)."""
+
+    def __init__(self, boxes: _Boxes, step: dict, dtype, output_size, copy_rows: bool):
+        ph, pw = output_size
+        key = boxes.key
+        largest = boxes.largest
+        span = {k: boxes.c1[k] - boxes.c0[k] for k in boxes.order}
+        rows = largest(lambda k: ph * span[k] * step[k])
+        window = largest(lambda k: ph * len(boxes.windows[k]) * pw * step[k])
+        self.values, self.ranks = scratch(3, rows, dtype), scratch(4, rows, np.uint8)
+        self.keys = scratch(5, rows, key)
+        self.block = self.moved = None
+        if copy_rows:
+            self.block = scratch(6, largest(lambda k: (boxes.r1[k] - boxes.r0[k]) * span[k] * step[k]), dtype)
+            self.moved = scratch(7, rows, dtype)
+        self.scores = scratch(8, largest(lambda k: min(boxes.top[k], 255) * span[k] * step[k]), np.uint8)
+        self.windows = (scratch(9, window, dtype), scratch(10, window, np.bool_), scratch(11, window, key))
+        outputs = ph * pw * largest(lambda k: step[k])
+        self.best, self.key = scratch(12, outputs, dtype), scratch(13, outputs, key)
+        self._reversed = np.arange(largest(lambda k: span[k]) - 1, -1, -1, dtype=key)[:, None]
+
+    def columns_reversed(self, s: int) -> np.ndarray:
+        """``S - 1 - column`` for the columns of a box ``S`` wide, ``(S, 1)``."""
+        return self._reversed[len(self._reversed) - s :]
+
+
+def _box_first_max(block, channels_last: bool, boxes: _Boxes, k: int, work: _Work, w: int):
+    """Box ``k``'s maxima and their keys (:class:`_Boxes`) over some channels, both
+    ``(PH, PW, C)`` (views of ``work``), from its block of the map: ``(R, S, C)`` (a
+    view of the channels-last copy) or ``(C, R, S)`` (a view of the map)."""
+    if channels_last:
+        rows, s, c = block.shape
+    else:
+        c, rows, s = block.shape
+    ph, pw = len(boxes.hs[k]), boxes.windows[k].shape[1]
+    values = work.values[: ph * s * c].reshape(ph, s * c)
+    ranks = work.ranks[: ph * s * c].reshape(ph, s * c)
+    keys = work.keys[: ph * s * c].reshape(ph, s, c)
+    starts, ends, top = boxes.hs[k], boxes.he[k], boxes.top[k]
+    if channels_last:
+        first_max_rows(block.reshape(rows, s * c), starts, ends, top, values, ranks, work.scores)
+        values = values.reshape(ph, s, c)
+        np.multiply(ranks.reshape(ph, s, c), keys.dtype.type(w), out=keys)
+    else:
+        copy = work.block[: rows * c * s].reshape(rows, c, s)
+        _copy_rows(block, copy)
+        first_max_rows(copy.reshape(rows, c * s), starts, ends, top, values, ranks, work.scores)
+        # channels last for the columns: a window then reduces contiguous channels
+        moved = work.moved[: ph * s * c].reshape(ph, s, c)
+        np.copyto(moved, values.reshape(ph, c, s).transpose(0, 2, 1))
+        values = moved
+        np.multiply(ranks.reshape(ph, c, s).transpose(0, 2, 1), keys.dtype.type(w), out=keys)
+    np.add(keys, work.columns_reversed(s), out=keys)
+    best = work.best[: ph * pw * c].reshape(ph, pw, c)
+    key = work.key[: ph * pw * c].reshape(ph, pw, c)
+    first_max_windows(values, keys, boxes.windows[k], best, key, work.windows)
+    return best, key
+
+
+def _pool_by_windows(input, boxes: _Boxes, k: int, out: np.ndarray, arg: np.ndarray) -> None:
+    """Box ``k``'s argmax by :func:`._pooling.window_max`, the search that was there before
+    the rows-first one: it stays the definition for NaN maxima. Bins of 256+ rows, which
+    the rows-first search does not take, get their maxima from it too."""
+    r0, c0, w = boxes.r0[k], boxes.c0[k], input.shape[3]
+    region = MapBlocks(input, 0).block(boxes.image[k], r0, boxes.r1[k], c0, boxes.c1[k])
+    row_bins = (boxes.bins.hstart[k] - r0, boxes.bins.hend[k] - r0)
+    col_bins = (boxes.bins.wstart[k] - c0, boxes.bins.wend[k] - c0)
+    values, ar, ac, empty = window_max(region, row_bins, col_bins, True)
+    arg[k] = np.where(empty[..., None], -1, (ar + r0) * w + ac + c0).transpose(2, 0, 1)
+    if boxes.top[k] > 255:
+        out[k] = values.transpose(2, 0, 1)
 
 
 def roi_pool(
@@ -146,7 +371,7 @@ def roi_pool(
     rois, output_size, spatial_scale = _check(input, rois, output_size, spatial_scale)
     if not return_argmax:
         return _values(input, rois, output_size, spatial_scale)
-    return _pool(input, rois, output_size, spatial_scale, with_arg=True)
+    return _pool(input, rois, output_size, spatial_scale)
 
 
 def _check_argmax(argmax, shape, hw: int) -> np.ndarray:
@@ -202,7 +427,7 @@ def roi_pool_backward(
     v.check_grad_output(grad_output, out_shape, input)
     n, c, h, w = input.shape
     if argmax is None:
-        _, argmax = _pool(input, rois, output_size, spatial_scale, with_arg=True)
+        _, argmax = _pool(input, rois, output_size, spatial_scale)
     else:
         argmax = _check_argmax(argmax, out_shape, h * w)
     dtype = compute_dtype(input.dtype)
