@@ -372,12 +372,17 @@ def _ratio(row: dict) -> Optional[float]:
     return ours["best"] / peer["best"] if ours and peer else None
 
 
-def format_table(rows: List[dict]) -> str:
-    """The rows as a fixed-width text table."""
-    head = (
-        f"{'op':<24}{'boxes':>6}  {'pass':<9}{'roilib ms':>10}{'tv ms':>9}{'ratio':>7}"
-        f"{'roilib MiB':>11}{'tv MiB':>8}{'mem x':>7}{'|sum diff|':>11}"
-    )
+def format_table(rows: List[dict], compact: bool = False) -> str:
+    """The rows as a fixed-width text table.
+
+    ``compact`` keeps the op, the times, their ratio and the memory ratio (under 80
+    characters wide, for a book page), dropping the MiB columns and the checksum
+    difference.
+    """
+    columns = [("roilib ms", 10), ("tv ms", 9), ("ratio", 7), ("roilib MiB", 11), ("tv MiB", 8),
+               ("mem x", 7), ("|sum diff|", 11)]
+    keep = [0, 1, 2, 5] if compact else list(range(len(columns)))
+    head = f"{'op':<24}{'boxes':>6}  {'pass':<9}" + "".join(f"{columns[i][0]:>{columns[i][1]}}" for i in keep)
     lines = [head, "-" * len(head)]
     for row in rows:
         ours, peer = row.get("roilib"), row.get("torchvision")
@@ -392,7 +397,7 @@ def format_table(rows: List[dict]) -> str:
             f"{ours['peak_mib'] / max(peer['peak_mib'], 1):7.2f}" if ours and peer else f"{'-':>7}",
             f"{abs(ours['checksum'] - peer['checksum']):11.2e}" if ours and peer else f"{'-':>11}",
         ]
-        lines.append(f"{row['case']:<24}{boxes:>6}  {row['pass_']:<9}" + "".join(cells))
+        lines.append(f"{row['case']:<24}{boxes:>6}  {row['pass_']:<9}" + "".join(cells[i] for i in keep))
     return "\n".join(lines)
 
 

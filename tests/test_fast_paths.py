@@ -254,3 +254,16 @@ def test_roi_align_average_of_a_strided_map_equals_a_contiguous_one(rng, monkeyp
     expected = roilib.roi_align(x, rois, (3, 4), ALIGN_SCALE, 2, True)
     for got in _in_place_and_grouped(monkeypatch, strided, rois, (3, 4), ALIGN_SCALE, 2, True):
         np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_the_compact_bench_table_fits_a_book_page_and_keeps_the_ratios():
+    from roilib import bench, bench_record
+
+    full = bench.format_table(bench_record.TABLE_ROWS).splitlines()
+    compact = bench.format_table(bench_record.TABLE_ROWS, compact=True).splitlines()
+    assert max(map(len, compact)) < 80 < max(map(len, full))
+    assert "MiB" not in compact[0] and "sum diff" not in compact[0]
+    for short, long in zip(compact[2:], full[2:]):
+        # same op, times and ratio; the memory ratio is the full table's "mem x"
+        assert short.split()[:-1] == long.split()[:len(short.split()) - 1]
+        assert short.split()[-1] == long.split()[-2]
