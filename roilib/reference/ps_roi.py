@@ -439,11 +439,14 @@ def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.n
         # few boxes: the plan's sort and batches cost more than the adds they order
         flat, span = grad.reshape(-1), target.shape[2]
         where, weight, rect = _unsorted_pixels(rects, out_channels * span, dtype)
-        for channel in range(out_channels):
-            values = g[channel].take(rect, mode="wrap")
+        group = max(1, 4 * CHUNK // max(where.size, 1))  # channels a call: bounds the temporaries
+        for c0 in range(0, out_channels, group):
+            c1 = min(c0 + group, out_channels)
+            values = g[c0:c1].take(rect, axis=1, mode="wrap")  # (c1 - c0, pixels)
             if weight is not None:
                 values *= weight
-            np.add.at(flat[channel * span :], where, values)  # channel's view of every image
+            # channel after channel, each pixel's adds in the same order as one call a channel
+            np.add.at(flat, ((np.arange(c0, c1) * span)[:, None] + where).ravel(), values.ravel())
         return grad if grad.dtype == input.dtype else grad.astype(input.dtype)
     plan = _plan(rects)
     for batch in _batches(plan, 1, 4 * CHUNK):
