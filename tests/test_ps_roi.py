@@ -276,6 +276,10 @@ def test_backward_few_boxes_path_matches_the_planned_one(op, kw, dtype, rng, mon
     g = rng.standard_normal((len(rois), 2, 3, 2)).astype(dtype)
     few = bwd(g, x, rois, (3, 2), 0.5, **kw)
     assert few.dtype == dtype and few[2].any()
+    for chunk in (1,):  # one channel a call (by default both in one): the same adds
+        monkeypatch.setattr(ps_roi, "CHUNK", chunk)
+        np.testing.assert_array_equal(bwd(g, x, rois, (3, 2), 0.5, **kw), few)
+    monkeypatch.undo()
     monkeypatch.setattr(ps_roi, "SMALL", 0)
     planned = bwd(g, x, rois, (3, 2), 0.5, **kw)
     tol = BACKWARD_PATH_TOL[dtype]
