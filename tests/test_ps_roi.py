@@ -251,10 +251,60 @@ def test_small_batches_give_the_same_result(op, rng, monkeypatch):
     out = fwd(x, rois, (3, 2), 0.5)
     g = rng.standard_normal(out.shape).astype(np.float32)
     grad = bwd(g, x, rois, (3, 2), 0.5)
+    monkeypatch.setattr(ps_roi, "SMALL", 0)  # the backward's batches too, not its few-box path
     for chunk in (1, 37):
         monkeypatch.setattr(ps_roi, "CHUNK", chunk)
         np.testing.assert_array_equal(fwd(x, rois, (3, 2), 0.5), out)
         np.testing.assert_allclose(bwd(g, x, rois, (3, 2), 0.5), grad, rtol=0, atol=1e-6)
+
+
+BACKWARD_PATH_TOL = {np.float16: 1e-3, np.float32: 1e-6, np.float64: 1e-13}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize(
+    "op, kw", [("ps_roi_pool", {}), ("ps_roi_align", {}), ("ps_roi_align", dict(sampling_ratio=2))]
+)
+def test_backward_few_boxes_path_matches_the_planned_one(op, kw, dtype, rng, monkeypatch):
+    """The few-box backward (pixels enumerated without the plan's sort) against the planned
+    one: overlapping boxes, boxes off the map, across its edges, empty, in image 1."""
+    from roilib.reference import ps_roi
+
+    x, rois = _ps_case(rng, dtype, shape=(3, 9, 11))
+    rois = np.concatenate([rois, _odd_boxes(3), [[2, 1.0, 2.0, 8.0, 7.0], [2, 1.0, 2.0, 8.0, 7.0]]])
+    bwd = getattr(roilib, op + "_backward")
+    g = rng.standard_normal((len(rois), 2, 3, 2)).astype(dtype)
+    few = bwd(g, x, rois, (3, 2), 0.5, **kw)
+    assert few.dtype == dtype and few[2].any()
+    for chunk in (1,):  # one channel a call (by default both in one): the same adds
+        monkeypatch.setattr(ps_roi, "CHUNK", chunk)
+        np.testing.assert_array_equal(bwd(g, x, rois, (3, 2), 0.5, **kw), few)
+    monkeypatch.undo()
+    monkeypatch.setattr(ps_roi, "SMALL", 0)
+    planned = bwd(g, x, rois, (3, 2), 0.5, **kw)
+    tol = BACKWARD_PATH_TOL[dtype]
+    np.testing.assert_allclose(few.astype(np.float64), planned.astype(np.float64), rtol=0, atol=tol)
+    for k in (0, 1):  # no boxes; one box
+        monkeypatch.setattr(ps_roi, "SMALL", 1 << 15)
+        few = bwd(g[:k], x, rois[:k], (3, 2), 0.5, **kw)
+        monkeypatch.setattr(ps_roi, "SMALL", 0)
+        np.testing.assert_array_equal(few, bwd(g[:k], x, rois[:k], (3, 2), 0.5, **kw))
+
+
+def test_backward_few_boxes_path_is_taken_below_its_size_only(rng, monkeypatch):
+    """The path choice follows ``SMALL`` (candidates: rectangles times the largest grid)."""
+    from roilib.reference import ps_roi
+
+    calls = []
+    original = ps_roi._unsorted_pixels
+    monkeypatch.setattr(ps_roi, "_unsorted_pixels", lambda *a: calls.append(1) or original(*a))
+    x, rois = _ps_case(rng)
+    g = rng.standard_normal((len(rois), 2, 3, 2))
+    roilib.ps_roi_pool_backward(g, x, rois, (3, 2), 0.5)
+    assert calls == [1]
+    monkeypatch.setattr(ps_roi, "SMALL", 0)
+    roilib.ps_roi_pool_backward(g, x, rois, (3, 2), 0.5)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align"])

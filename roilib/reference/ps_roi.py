@@ -49,6 +49,10 @@ from ..geometry import axis_samples, roi_align_boxes
 #: scatter handles: bounds the temporaries
 CHUNK = 1 << 16
 
+#: the backward enumerates the pixels without the plan (:func:`_unsorted_pixels`) up to
+#: this many candidates (rectangles times the largest rectangle's grid): few boxes
+SMALL = 1 << 15
+
 
 def _check(input, rois, output_size, spatial_scale):
     v.check_input(input)
@@ -365,6 +369,54 @@ def _forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
 # -- backward: scatter-add -----------------------------------------------------------
 
 
+def _unsorted_pixels(rects: _Rects, span: int, dtype):
+    """Every pixel of every rectangle, without the plan's sort (few boxes).
+
+    Each rectangle is enumerated over the largest one's ``R x S`` grid and masked to its
+    own ``rows x cols``: ``R * S * K * PH * PW`` candidates, cheap when there are few boxes.
+    The pixels come grid cell after grid cell, then box after box.
+
+    Parameters
+    ----------
+    rects : _Rects
+    span : int
+        ``C_out * PH * PW * H * W``: one image's elements (positions jump by it).
+    dtype : numpy dtype
+        Arithmetic dtype of the weights.
+
+    Returns
+    -------
+    where : ndarray of int64, shape (pixels,)
+        ``image * span + b * H * W + row * W + col`` in channel 0's view of the gradient.
+    weight : ndarray, shape (pixels,), or None
+        Row weight times column weight (PS-RoIAlign), as :func:`_pixels`; None for PS-RoIPool.
+    rect : ndarray of int64, shape (pixels,)
+        Their rectangles' ``k * PH * PW + b``.
+    """
+    (ph, pw), h, w = rects.output_size, rects.height, rects.width
+    k = rects.image.size
+    shape = (k, ph, pw)
+    rows = np.broadcast_to(rects.rows[:, :, None], shape).ravel()  # per rectangle, (K * PH * PW,)
+    cols = np.broadcast_to(rects.cols[:, None, :], shape).ravel()
+    dr, dc = np.arange(int(rows.max(initial=0))), np.arange(int(cols.max(initial=0)))
+    cell_row, cell_col, rect = np.nonzero((dr[:, None, None] < rows) & (dc[:, None] < cols))
+    top_left = (
+        (rects.image * span)[:, None, None]
+        + (np.arange(ph * pw) * (h * w)).reshape(ph, pw)
+        + (rects.row0 * w)[:, :, None]
+        + rects.col0[:, None, :]
+    ).ravel()
+    where = top_left[rect] + cell_row * w + cell_col
+    if rects.row_weight is None:
+        return where, None, rect
+    # each rectangle's columns in row_weight (k * PH + ph) and col_weight (k * PW + pw)
+    row_index = np.broadcast_to(np.arange(k * ph).reshape(k, ph, 1), shape).ravel()
+    col_index = np.broadcast_to(np.arange(k * pw).reshape(k, 1, pw), shape).ravel()
+    wy = rects.row_weight.take(cell_row * (k * ph) + row_index[rect])
+    wx = rects.col_weight.take(cell_col * (k * pw) + col_index[rect])
+    return where, (wy * wx).astype(dtype, copy=False), rect  # as _pixels: product, then cast
+
+
 def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.ndarray:
     """The transpose of :func:`_forward`: ``(N, C, H, W)`` gradient of the input.
 
@@ -378,12 +430,25 @@ def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.n
     dtype = v.compute_dtype(input.dtype)
     grad = np.zeros(input.shape, dtype=dtype)  # in the compute dtype (float16: cast at the end)
     target = grad.reshape(n, out_channels, -1)
-    plan = _plan(rects)
     # each rectangle's gradient, (C_out, K * PH*PW) (a copy); PS-RoIPool's over its area
     g = np.array(grad_output.reshape(k, out_channels, ph * pw).transpose(1, 0, 2), dtype=dtype, order="C")
     if rects.row_weight is None:
         g /= np.maximum(rects.rows[:, :, None] * rects.cols[:, None, :], 1).reshape(k, ph * pw).astype(dtype)
     g = g.reshape(out_channels, -1)
+    if k * ph * pw * int(rects.rows.max(initial=0)) * int(rects.cols.max(initial=0)) <= SMALL:
+        # few boxes: the plan's sort and batches cost more than the adds they order
+        flat, span = grad.reshape(-1), target.shape[2]
+        where, weight, rect = _unsorted_pixels(rects, out_channels * span, dtype)
+        group = max(1, 4 * CHUNK // max(where.size, 1))  # channels a call: bounds the temporaries
+        for c0 in range(0, out_channels, group):
+            c1 = min(c0 + group, out_channels)
+            values = g[c0:c1].take(rect, axis=1, mode="wrap")  # (c1 - c0, pixels)
+            if weight is not None:
+                values *= weight
+            # channel after channel, each pixel's adds in the same order as one call a channel
+            np.add.at(flat, ((np.arange(c0, c1) * span)[:, None] + where).ravel(), values.ravel())
+        return grad if grad.dtype == input.dtype else grad.astype(input.dtype)
+    plan = _plan(rects)
     for batch in _batches(plan, 1, 4 * CHUNK):
         where, weight, rect = _pixels(rects, plan, batch, dtype, rect_of_pixel=True)
         plane = target[batch.image]
