@@ -313,12 +313,13 @@ def _pairs(idx, s, n_bins: int, divisor, dtype):
     """The samples ``s`` of boxes ``idx`` (sorted; :func:`roilib.geometry.axis_samples`)
     as an entry of :attr:`_AxisWeights.pairs`; the weights are divided in float64, then
     rounded to ``dtype`` (like :func:`_axis_weights`)."""
-    n = 2 * s.grid
-    index = np.stack([s.low, s.high], axis=-1).reshape(idx.size, n_bins * n)
-    weights = np.stack([s.w_low, s.w_high], axis=-1).reshape(idx.size, n_bins, 1, n).astype(np.float64)
+    shape = s.low.shape + (2,)  # (boxes, samples, low/high)
+    index, weights = np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.float64)
+    index[..., 0], index[..., 1] = s.low, s.high
+    weights[..., 0], weights[..., 1] = s.w_low, s.w_high
     if divisor is not None:
-        weights /= np.asarray(divisor, dtype=np.float64)[idx, None, None, None]
-    return idx, index, weights.astype(dtype)
+        weights /= np.asarray(divisor, dtype=np.float64)[idx, None, None]
+    return idx, index.reshape(idx.size, -1), weights.reshape(idx.size, n_bins, 1, -1).astype(dtype)
 
 
 class _Averages:
