@@ -11,9 +11,11 @@ The forward average builds every box's ``A_y / count`` and ``A_x`` at once
 output. Many boxes on a wide map (:func:`._layout.reads_in_groups`) read a channels-last
 copy of one channel group at a time (the copy costs a quarter of the map, not all of it);
 few boxes read their blocks of the ``(N, C, H, W)`` map in place, with no copy at all,
-bin by bin where the bins are large. The two apply the same matrices and agree to
-rounding. Both multiply runs of pixels some of which no sample reads, with weight 0: a
-non-finite value there makes the output NaN, where torchvision would not read it. The
+bin by bin where the bins are large, except a tall box at a fixed sampling ratio, which
+copies only the rows its samples read (:data:`SAMPLE_ROWS_SHARE`). They apply the same
+weights and agree to rounding. All multiply runs of pixels some of which no sample
+reads, with weight 0: a non-finite value there makes the output NaN, where torchvision
+would not read it. The
 backward, ``max`` and the box gradient apply the per-sample matrices of
 :class:`_BoxSampling` to channels-last blocks.
 
@@ -361,10 +363,12 @@ def _bins_per_product(window: float, n_bins: int) -> int:
 def _average_in_place(x: np.ndarray, boxes: _Averages, out: np.ndarray, dest) -> None:
     """Each box's average from its block of the ``(N, C, H, W)`` map, read where it is.
 
-    Rows and columns are read as runs (views of the map). The first product reduces the
-    rows (``(p, R) @ (R, S)`` per channel) or the columns (``(q, S) @ (S, C)`` per row),
-    :data:`ROWS_FIRST_WINDOW` decides, over the windows of ``p`` (or ``q``) bins at a time
-    (:data:`BAND_WINDOW`); one product over the whole run then reduces the other axis.
+    A box whose samples read fewer rows than its run (:data:`SAMPLE_ROWS_SHARE`) copies
+    those rows only (:func:`_sample_rows_first`). Otherwise rows and columns are read as
+    runs (views of the map). The first product reduces the rows (``(p, R) @ (R, S)`` per
+    channel) or the columns (``(q, S) @ (S, C)`` per row), :data:`ROWS_FIRST_WINDOW`
+    decides, over the windows of ``p`` (or ``q``) bins at a time (:data:`BAND_WINDOW`);
+    one product over the whole run then reduces the other axis.
     """
     for k in boxes.live:
         rows, ay = boxes.y.block(k, run=True)
