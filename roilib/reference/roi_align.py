@@ -15,9 +15,8 @@ bin by bin where the bins are large, except a tall box at a fixed sampling ratio
 copies only the rows its samples read (:data:`SAMPLE_ROWS_SHARE`). They apply the same
 weights and agree to rounding. All multiply runs of pixels some of which no sample
 reads, with weight 0: a non-finite value there makes the output NaN, where torchvision
-would not read it. The
-backward, ``max`` and the box gradient apply the per-sample matrices of
-:class:`_BoxSampling` to channels-last blocks.
+would not read it. The backward, ``max`` and the box gradient apply the per-sample
+matrices of :class:`_BoxSampling` to channels-last blocks.
 
 ``max`` takes the largest sample of each bin (mmcv's definition: samples outside the
 map count as 0) and routes the gradient through the winning sample's four corners.
