@@ -199,19 +199,61 @@ def test_roi_align_average_in_place_in_groups_and_per_sample_agree(
 @pytest.mark.parametrize("slack", [1.0, 1e9])
 @pytest.mark.parametrize("rows_first", [0, 1e9])
 @pytest.mark.parametrize("band, halves", [(0, 0), (1e9, 0), (1e9, 1e9)])
-def test_roi_align_average_runs_orders_and_bands_agree(rng, monkeypatch, slack, rows_first, band, halves):
+@pytest.mark.parametrize("sample_rows", [0, 1e9])
+def test_roi_align_average_runs_orders_and_bands_agree(
+    rng, monkeypatch, slack, rows_first, band, halves, sample_rows
+):
     # channels-last: every box read as whole runs (zero weights on untouched pixels) or
-    # only its touched pixels; in place: rows or columns first, bin by bin, half the bins
-    # at a time or all at once. The same numbers to rounding.
+    # only its touched pixels; in place: only the rows the samples read (every box, or
+    # none), or rows or columns first, bin by bin, half the bins at a time or all at once.
+    # The same numbers to rounding.
     x = rng.standard_normal(ALIGN_SHAPE)
     rois = _align_boxes(rng)
     expected = _average_per_sample(x, rois, (3, 4), 2, True)
+    monkeypatch.setattr(align_module, "SAMPLE_ROWS_SHARE", sample_rows)
     monkeypatch.setattr(align_module, "SPAN_SLACK", slack)
     monkeypatch.setattr(align_module, "ROWS_FIRST_WINDOW", rows_first)
     monkeypatch.setattr(align_module, "BAND_WINDOW", band)
     monkeypatch.setattr(align_module, "HALVES_WINDOW", halves)
     for got in _in_place_and_grouped(monkeypatch, x, rois, (3, 4), ALIGN_SCALE, 2, True):
         np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_roi_align_average_from_the_sampled_rows_of_every_box_equals_per_sample(
+    rng, monkeypatch, dtype, sampling_ratio, aligned
+):
+    # in place, every box (off the map, on image 1, adaptive grids...) read through only
+    # the rows its samples read, each bin's weighted on their own
+    x = rng.standard_normal(ALIGN_SHAPE).astype(dtype)
+    rois = _align_boxes(rng)
+    monkeypatch.setattr(align_module, "SAMPLE_ROWS_SHARE", float("inf"))
+    monkeypatch.setattr(_layout, "GROUPED_MAP_FRACTION", float("inf"))  # in place
+    got = roilib.roi_align(x, rois, (3, 4), ALIGN_SCALE, sampling_ratio, aligned)
+    expected = _average_per_sample(x, rois, (3, 4), sampling_ratio, aligned)
+    assert got.dtype == x.dtype
+    tol = ALIGN_TOL[dtype]
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+    assert not got[-2].any()  # the box right of the map
+
+
+def test_roi_align_average_sampled_rows_on_a_hand_computed_case(monkeypatch):
+    # one column, rows 0..19 holding their index: a tall box at sr=2 reads 4 of its 17
+    # rows per bin; each bin's average is the mean of its samples' y (the map is linear)
+    x = np.arange(20.0).reshape(1, 1, 20, 1)
+    rois = np.array([[0, 0.0, 0.0, 0.0, 18.0]])  # not aligned: y from 0 to 18, 3 bins of 6
+    monkeypatch.setattr(_layout, "GROUPED_MAP_FRACTION", float("inf"))
+    monkeypatch.setattr(align_module, "SAMPLE_ROWS_SHARE", 1.0)  # 3 bins * 4 rows <= 17 rows
+
+    def other_path(*args):
+        raise AssertionError("read by rows or columns first")
+
+    monkeypatch.setattr(align_module, "_rows_first", other_path)
+    monkeypatch.setattr(align_module, "_columns_first", other_path)
+    got = roilib.roi_align(x, rois, (3, 1), 1.0, sampling_ratio=2, aligned=False)
+    np.testing.assert_allclose(got[0, 0, :, 0], [3.0, 9.0, 15.0], rtol=0, atol=1e-14)
 
 
 def test_roi_align_average_without_boxes_in_either_layout(monkeypatch):

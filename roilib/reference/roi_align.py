@@ -11,11 +11,12 @@ The forward average builds every box's ``A_y / count`` and ``A_x`` at once
 output. Many boxes on a wide map (:func:`._layout.reads_in_groups`) read a channels-last
 copy of one channel group at a time (the copy costs a quarter of the map, not all of it);
 few boxes read their blocks of the ``(N, C, H, W)`` map in place, with no copy at all,
-bin by bin where the bins are large. The two apply the same matrices and agree to
-rounding. Both multiply runs of pixels some of which no sample reads, with weight 0: a
-non-finite value there makes the output NaN, where torchvision would not read it. The
-backward, ``max`` and the box gradient apply the per-sample matrices of
-:class:`_BoxSampling` to channels-last blocks.
+bin by bin where the bins are large, except a tall box at a fixed sampling ratio, which
+copies only the rows its samples read (:data:`SAMPLE_ROWS_SHARE`). They apply the same
+weights and agree to rounding. All multiply runs of pixels some of which no sample
+reads, with weight 0: a non-finite value there makes the output NaN, where torchvision
+would not read it. The backward, ``max`` and the box gradient apply the per-sample
+matrices of :class:`_BoxSampling` to channels-last blocks.
 
 ``max`` takes the largest sample of each bin (mmcv's definition: samples outside the
 map count as 0) and routes the gradient through the winning sample's four corners.
@@ -147,6 +148,10 @@ HALVES_WINDOW = 3.5
 #: rows first (one product per channel), else along its columns first (one product per
 #: row over all channels)
 ROWS_FIRST_WINDOW = 4
+#: read in place, a box whose samples read rows (each bin's two per sample, counted with
+#: repeats) at most this share of its run's rows copies only those rows and weighs
+#: each bin's own (a fixed sampling ratio on a tall box: most of the run is never read)
+SAMPLE_ROWS_SHARE = 1.0
 
 
 @dataclass(frozen=True)
@@ -177,6 +182,10 @@ class _AxisWeights:
         (``low == high``: no valid sample).
     window : list of float, length K
         The mean ``high - low`` of box ``k``'s bins that have valid samples.
+    pairs : list of ``(boxes, index, weights)``, or None
+        The boxes' samples (:meth:`pair`), a grid size at a time, for the grid sizes with
+        a box whose samples read fewer rows than its run (:data:`SAMPLE_ROWS_SHARE`);
+        None when not asked for.
     """
 
     n_bins: int
@@ -189,6 +198,17 @@ class _AxisWeights:
     low: list
     high: list
     window: list
+    pairs: list = None
+
+    def pair(self, k: int):
+        """Box ``k``'s samples one bin after another, each as its two pixels: ``index``
+        ``(P * 2g,)`` (on the map) and ``weights`` ``(P, 1, 2g)`` (divided like
+        :attr:`weights`; 0 for a sample off the map); None for a box without samples."""
+        for boxes, index, weights in self.pairs:
+            row = np.searchsorted(boxes, k)
+            if row < boxes.size and boxes[row] == k:
+                return index[row], weights[row]
+        return None
 
     def block(self, k: int, run: bool = False):
         """Box ``k``'s pixels (a slice, or the touched ones' sorted indices) and its
@@ -217,10 +237,13 @@ class _AxisWeights:
         return bands
 
 
-def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=None, touched=True):
+def _axis_weights(
+    start, bin_size, grid, n_bins: int, size: int, dtype, divisor=None, touched=True, pairs=False
+):
     """:class:`_AxisWeights` from :func:`roilib.geometry.roi_align_boxes`' fields of one axis
     (``(K,)`` arrays); ``divisor`` ``(K,)`` divides each box's weights (the average's
-    sample count); ``touched``: also find the touched pixels (for gathering them).
+    sample count); ``touched``: also find the touched pixels (for gathering them);
+    ``pairs``: also keep the boxes' samples (:attr:`_AxisWeights.pairs`).
 
     The samples come from :func:`roilib.geometry.axis_samples`, called once per grid
     size; the weights of each bin's samples are summed in float64 by one ``bincount``
@@ -232,9 +255,12 @@ def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=
     # every valid sample of every box, a grid size at a time: its box, its bin, its two
     # pixels and their weights
     fields = [[np.zeros(0, dtype=np.int64)] * 4 + [np.zeros(0, dtype=dtype)] * 2]
+    per_grid = [] if pairs else None
     for g in np.unique(grid[grid > 0]).tolist():
         idx = np.flatnonzero(grid == g)
         s = axis_samples(start[idx], bin_size[idx], g, n_bins, size, dtype)
+        if pairs:
+            per_grid.append((g, idx, s))
         valid, n = s.valid, n_bins * g
         if valid.all():  # the common case, without masks
             low, high = s.low, s.high
@@ -261,6 +287,12 @@ def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=
     weights = weights.astype(np.float64, copy=False)  # (an empty bincount is int)
     if divisor is not None:
         weights /= np.repeat(np.asarray(divisor, dtype=np.float64), n_bins * span)
+    if pairs:  # only the grid sizes whose boxes may be read by their samples' rows
+        per_grid = [
+            _pairs(idx, s, n_bins, divisor, dtype)
+            for g, idx, s in per_grid
+            if (2 * g * n_bins <= SAMPLE_ROWS_SHARE * span[idx]).any()
+        ]
     hit, runs = None, None
     if touched:
         hit = np.zeros(total, dtype=bool)
@@ -274,8 +306,21 @@ def _axis_weights(start, bin_size, grid, n_bins: int, size: int, dtype, divisor=
     bin_high = bin_low + width
     return _AxisWeights(
         n_bins, first.tolist(), span.tolist(), at.tolist(), weights.astype(dtype), hit, runs,
-        bin_low.tolist(), bin_high.tolist(), window.tolist(),
+        bin_low.tolist(), bin_high.tolist(), window.tolist(), per_grid,
     )
+
+
+def _pairs(idx, s, n_bins: int, divisor, dtype):
+    """The samples ``s`` of boxes ``idx`` (sorted; :func:`roilib.geometry.axis_samples`)
+    as an entry of :attr:`_AxisWeights.pairs`; the weights are divided in float64, then
+    rounded to ``dtype`` (like :func:`_axis_weights`)."""
+    shape = s.low.shape + (2,)  # (boxes, samples, low/high)
+    index, weights = np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.float64)
+    index[..., 0], index[..., 1] = s.low, s.high
+    weights[..., 0], weights[..., 1] = s.w_low, s.w_high
+    if divisor is not None:
+        weights /= np.asarray(divisor, dtype=np.float64)[idx, None, None]
+    return idx, index.reshape(idx.size, -1), weights.reshape(idx.size, n_bins, 1, -1).astype(dtype)
 
 
 class _Averages:
@@ -288,9 +333,12 @@ class _Averages:
     ):
         ph, pw = output_size
         geo = roi_align_boxes(rois, output_size, spatial_scale, sampling_ratio, aligned, dtype)
-        self.y = _axis_weights(geo.start_y, geo.bin_h, geo.grid_h, ph, height, dtype, geo.count, touched)
+        self.y = _axis_weights(
+            geo.start_y, geo.bin_h, geo.grid_h, ph, height, dtype, geo.count, touched, pairs=not touched
+        )
         self.x = _axis_weights(geo.start_x, geo.bin_w, geo.grid_w, pw, width, dtype, None, touched)
         self.images = rois[:, 0].astype(np.int64).tolist()
+        self.grid_h = geo.grid_h.tolist()  # samples per bin along y
         self.live = [k for k in range(rois.shape[0]) if self.y.span[k] and self.x.span[k]]
 
 
@@ -314,16 +362,20 @@ def _bins_per_product(window: float, n_bins: int) -> int:
 def _average_in_place(x: np.ndarray, boxes: _Averages, out: np.ndarray, dest) -> None:
     """Each box's average from its block of the ``(N, C, H, W)`` map, read where it is.
 
-    Rows and columns are read as runs (views of the map). The first product reduces the
-    rows (``(p, R) @ (R, S)`` per channel) or the columns (``(q, S) @ (S, C)`` per row),
-    :data:`ROWS_FIRST_WINDOW` decides, over the windows of ``p`` (or ``q``) bins at a time
-    (:data:`BAND_WINDOW`); one product over the whole run then reduces the other axis.
+    A box whose samples read fewer rows than its run (:data:`SAMPLE_ROWS_SHARE`) copies
+    those rows only (:func:`_sample_rows_first`). Otherwise rows and columns are read as
+    runs (views of the map). The first product reduces the rows (``(p, R) @ (R, S)`` per
+    channel) or the columns (``(q, S) @ (S, C)`` per row), :data:`ROWS_FIRST_WINDOW`
+    decides, over the windows of ``p`` (or ``q``) bins at a time (:data:`BAND_WINDOW`);
+    one product over the whole run then reduces the other axis.
     """
     for k in boxes.live:
         rows, ay = boxes.y.block(k, run=True)
         cols, ax = boxes.x.block(k, run=True)
         plane, target = x[boxes.images[k]], out[dest[k]]
-        if boxes.y.window[k] >= ROWS_FIRST_WINDOW:
+        if 2 * boxes.grid_h[k] * ay.shape[0] <= SAMPLE_ROWS_SHARE * ay.shape[1]:
+            _sample_rows_first(plane, *boxes.y.pair(k), cols, ax, target)
+        elif boxes.y.window[k] >= ROWS_FIRST_WINDOW:
             bands = boxes.y.bands(k, _bins_per_product(boxes.y.window[k], ay.shape[0]))
             _rows_first(plane, rows, cols, ay, ax, bands, target)
         else:
@@ -340,6 +392,23 @@ def _rows_first(plane, rows: slice, cols: slice, ay, ax, bands, target) -> None:
         block = _in(plane[:, rows.start + lo : rows.start + hi, cols], dtype)  # (C, hi - lo, S)
         np.matmul(ay[p0:p1, lo:hi], block, out=u[:, p0:p1])
     np.matmul(u.reshape(-1, s), ax.T, out=target.reshape(-1, target.shape[-1]))
+
+
+def _sample_rows_first(plane, index, weights, cols: slice, ax, target) -> None:
+    """``target`` ``(C, PH, PW)`` from a copy of only the rows the samples read.
+
+    ``index`` ``(PH * n,)`` and ``weights`` ``(PH, 1, n)``: :attr:`_AxisWeights.pairs`.
+    Each bin's ``n`` rows (a row twice where samples share it) are weighted and summed in
+    one product per bin, then one product per bin reduces the columns by ``ax``.
+    """
+    dtype = target.dtype
+    block = plane.transpose(1, 0, 2)[index, :, cols]  # (PH * n, C, S), a copy
+    if block.dtype != dtype:
+        block = block.astype(dtype)
+    ph, _, n = weights.shape
+    c, s = block.shape[1:]
+    u = np.matmul(weights, block.reshape(ph, n, c * s))  # (PH, 1, C * S)
+    np.matmul(u.reshape(ph, c, s), ax.T, out=target.transpose(1, 0, 2))
 
 
 def _columns_first(plane, rows: slice, cols: slice, ay, ax, bands, target) -> None:
