@@ -53,7 +53,7 @@ import numpy as np
 from .. import _validate as v
 from .._validate import compute_dtype
 from ..geometry import WARP_FLOOR, WarpAxis, quantize_boxes, warp_axis, warp_bins, warp_steps
-from ._layout import channels_first, channels_last
+from ._layout import block as view_index, channels_first, channels_last
 from ._pooling import _first_hit
 
 
@@ -386,16 +386,9 @@ def _outputs(values: np.ndarray, group: _Group) -> np.ndarray:
     return np.where(best > t(WARP_FLOOR), best, t(0))
 
 
-def _rows(boxes: np.ndarray, offset: int = 0):
-    """``boxes - offset`` as a slice when they are consecutive (a view, not a copy)."""
-    if boxes.size and boxes[-1] - boxes[0] == boxes.size - 1:
-        return slice(int(boxes[0]) - offset, int(boxes[-1]) + 1 - offset)
-    return boxes - offset
-
-
 def _write(out: np.ndarray, boxes: np.ndarray, c0: int, c1: int, result: np.ndarray) -> None:
     """``out[boxes, c0:c1] = result`` for a channels-last ``(K, PH, PW, C)`` result."""
-    rows = _rows(boxes)
+    rows = view_index(boxes)
     k, ph, pw, c = result.shape
     if isinstance(rows, slice):  # one transposed copy with inner runs of PH * PW
         out[rows, c0:c1].reshape(k, c, ph * pw)[...] = result.reshape(k, ph * pw, c).transpose(0, 2, 1)
@@ -497,7 +490,7 @@ def _corner_adds(p: _GradPass, group: _Group, table: _Lookup, block, entry, out)
     best = _bin_max(values, group)
     # the lookup entry of each output's winning sample: one past its bin's, minus (n - j)
     np.subtract(table.end[a:b], _winning_taps(values, best, group), out=entry)
-    gk = p.g[_rows(group.boxes[a:b]), p.c0 : p.c1].transpose(0, 2, 3, 1)
+    gk = p.g[view_index(group.boxes[a:b]), p.c0 : p.c1].transpose(0, 2, 3, 1)
     gk = np.ascontiguousarray(gk, dtype=values.dtype)
     if not best.min() > t(WARP_FLOOR):  # an output with no winner routes nothing: + 0 adds
         gk[~(best > t(WARP_FLOOR))] = 0
@@ -573,7 +566,7 @@ def _add_all(p: _GradPass, groups, tables) -> None:
             a, b = np.searchsorted(group.boxes, [k0, k1]).tolist()
             for block in _blocks(group, a, b, p.c1 - p.c0, p.work.blocks):
                 entry, adds = p.work.block(block[1] - block[0], p.c1 - p.c0)
-                rows = _rows(group.boxes[block[0] : block[1]], k0)
+                rows = view_index(group.boxes[block[0] : block[1]] - k0)
                 if isinstance(rows, slice):  # straight into the run
                     adds = (run_index[rows], run_value[rows])
                 _corner_adds(p, group, table, block, entry, adds)
