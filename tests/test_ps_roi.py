@@ -296,14 +296,50 @@ def test_backward_few_boxes_path_is_taken_below_its_size_only(rng, monkeypatch):
     from roilib.reference import ps_roi
 
     calls = []
-    original = ps_roi._unsorted_pixels
-    monkeypatch.setattr(ps_roi, "_unsorted_pixels", lambda *a: calls.append(1) or original(*a))
+    original = ps_roi._by_area
+    monkeypatch.setattr(ps_roi, "_by_area", lambda *a: calls.append(1) or original(*a))
     x, rois = _ps_case(rng)
     g = rng.standard_normal((len(rois), 2, 3, 2))
     roilib.ps_roi_pool_backward(g, x, rois, (3, 2), 0.5)
     assert calls == [1]
     monkeypatch.setattr(ps_roi, "SMALL", 0)
     roilib.ps_roi_pool_backward(g, x, rois, (3, 2), 0.5)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize(
+    "op, kw", [("ps_roi_pool", {}), ("ps_roi_align", {}), ("ps_roi_align", dict(sampling_ratio=2))]
+)
+def test_forward_few_boxes_path_matches_the_planned_one_bit_for_bit(op, kw, dtype, rng, monkeypatch):
+    """The few-box forward (pixels listed by area, summed one pixel position at a time)
+    adds each rectangle's pixels in the planned path's order: equal bits, for overlapping
+    boxes, boxes off the map, across its edges, empty, in image 1, no boxes and one box."""
+    from roilib.reference import ps_roi
+
+    x, rois = _ps_case(rng, dtype, shape=(3, 9, 11))
+    rois = np.concatenate([rois, _odd_boxes(3), [[2, 1.0, 2.0, 8.0, 7.0], [2, 1.0, 2.0, 8.0, 7.0]]])
+    fwd = getattr(roilib, op)
+    for k in (len(rois), 0, 1):
+        few = fwd(x, rois[:k], (3, 2), 0.5, **kw)
+        assert few.dtype == dtype and few.shape == (k, 2, 3, 2)
+        monkeypatch.setattr(ps_roi, "SMALL", 0)
+        np.testing.assert_array_equal(fwd(x, rois[:k], (3, 2), 0.5, **kw), few)
+        monkeypatch.undo()
+
+
+def test_forward_few_boxes_path_is_taken_below_its_size_only(rng, monkeypatch):
+    """The forward, like the backward, lists the pixels by area only up to ``SMALL`` candidates."""
+    from roilib.reference import ps_roi
+
+    calls = []
+    original = ps_roi._by_area
+    monkeypatch.setattr(ps_roi, "_by_area", lambda *a: calls.append(1) or original(*a))
+    x, rois = _ps_case(rng)
+    roilib.ps_roi_align(x, rois, (3, 2), 0.5)
+    assert calls == [1]
+    monkeypatch.setattr(ps_roi, "SMALL", 0)
+    roilib.ps_roi_align(x, rois, (3, 2), 0.5)
     assert calls == [1]
 
 

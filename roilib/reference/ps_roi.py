@@ -49,7 +49,7 @@ from ..geometry import axis_samples, roi_align_boxes
 #: scatter handles: bounds the temporaries
 CHUNK = 1 << 16
 
-#: the backward enumerates the pixels without the plan (:func:`_unsorted_pixels`) up to
+#: the forward and backward list the pixels without the plan (:func:`_by_area`) up to
 #: this many candidates (rectangles times the largest rectangle's grid): few boxes
 SMALL = 1 << 15
 
@@ -333,6 +333,8 @@ def _forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
     temporary is as large as the output: fresh arrays of a few MiB cost more in page
     faults than in arithmetic.
     """
+    if _few(rects):
+        return _few_forward(input, rects)
     n = input.shape[0]
     ph, pw = rects.output_size
     out_channels = input.shape[1] // (ph * pw)
@@ -369,52 +371,105 @@ def _forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
 # -- backward: scatter-add -----------------------------------------------------------
 
 
-def _unsorted_pixels(rects: _Rects, span: int, dtype):
+@dataclass(frozen=True)
+class _ByArea:
     """Every pixel of every rectangle, without the plan's sort (few boxes).
 
-    Each rectangle is enumerated over the largest one's ``R x S`` grid and masked to its
-    own ``rows x cols``: ``R * S * K * PH * PW`` candidates, cheap when there are few boxes.
-    The pixels come grid cell after grid cell, then box after box.
+    The rectangles are ordered by area, largest first (ties: ``k * PH * PW + b``), and
+    their pixels listed pixel-major: pixel 0 of every non-empty rectangle, then pixel 1 of
+    every rectangle with two or more, and so on, each rectangle's pixels in row-major
+    order. Pixel ``p`` of all rectangles is then one slice of the first ``counts[p]``
+    rectangles, so summing the slices in turn adds each rectangle's pixels one after
+    another (torchvision's order) with whole-array operations.
 
-    Parameters
+    Attributes
     ----------
-    rects : _Rects
-    span : int
-        ``C_out * PH * PW * H * W``: one image's elements (positions jump by it).
-    dtype : numpy dtype
-        Arithmetic dtype of the weights.
-
-    Returns
-    -------
+    order : ndarray of int64, shape (M,)
+        ``k * PH * PW + b`` of each rectangle, largest first (``M = K * PH * PW``).
+    area : ndarray of int64, shape (M,)
+        Their pixel counts, in that order (non-increasing).
+    counts : list of int
+        ``counts[p]``: rectangles with more than ``p`` pixels (the slice of pixel ``p``).
     where : ndarray of int64, shape (pixels,)
-        ``image * span + b * H * W + row * W + col`` in channel 0's view of the gradient.
-    weight : ndarray, shape (pixels,), or None
-        Row weight times column weight (PS-RoIAlign), as :func:`_pixels`; None for PS-RoIPool.
+        ``image * span + b * H * W + row * W + col``: the pixel in channel 0 of the
+        ``(N, C_out, PH * PW * H * W)`` view, flattened.
     rect : ndarray of int64, shape (pixels,)
-        Their rectangles' ``k * PH * PW + b``.
+        The pixel's rectangle, as ``k * PH * PW + b``.
+    weight : ndarray, shape (pixels,), or None
+        Row weight times column weight (PS-RoIAlign), as :func:`_pixels`; None for
+        PS-RoIPool.
     """
+
+    order: np.ndarray
+    area: np.ndarray
+    counts: list
+    where: np.ndarray
+    rect: np.ndarray
+    weight: Optional[np.ndarray]
+
+
+def _by_area(rects: _Rects, span: int, dtype) -> _ByArea:
+    """List the pixels of ``rects`` as :class:`_ByArea` (``span``: one image's elements,
+    ``C_out * PH * PW * H * W``; ``dtype``: arithmetic dtype of the weights)."""
     (ph, pw), h, w = rects.output_size, rects.height, rects.width
     k = rects.image.size
-    shape = (k, ph, pw)
-    rows = np.broadcast_to(rects.rows[:, :, None], shape).ravel()  # per rectangle, (K * PH * PW,)
-    cols = np.broadcast_to(rects.cols[:, None, :], shape).ravel()
-    dr, dc = np.arange(int(rows.max(initial=0))), np.arange(int(cols.max(initial=0)))
-    cell_row, cell_col, rect = np.nonzero((dr[:, None, None] < rows) & (dc[:, None] < cols))
-    top_left = (
-        (rects.image * span)[:, None, None]
-        + (np.arange(ph * pw) * (h * w)).reshape(ph, pw)
-        + (rects.row0 * w)[:, :, None]
-        + rects.col0[:, None, :]
-    ).ravel()
-    where = top_left[rect] + cell_row * w + cell_col
-    if rects.row_weight is None:
-        return where, None, rect
-    # each rectangle's columns in row_weight (k * PH + ph) and col_weight (k * PW + pw)
-    row_index = np.broadcast_to(np.arange(k * ph).reshape(k, ph, 1), shape).ravel()
-    col_index = np.broadcast_to(np.arange(k * pw).reshape(k, 1, pw), shape).ravel()
-    wy = rects.row_weight.take(cell_row * (k * ph) + row_index[rect])
-    wx = rects.col_weight.take(cell_col * (k * pw) + col_index[rect])
-    return where, (wy * wx).astype(dtype, copy=False), rect  # as _pixels: product, then cast
+    area = (rects.rows[:, :, None] * rects.cols[:, None, :]).reshape(-1)
+    order = np.argsort(-area, kind="stable")
+    largest = int(area[order[0]]) if area.size else 0
+    # rectangles with more than p pixels, p = 0 .. largest - 1
+    counts = area.size - np.cumsum(np.bincount(area, minlength=largest + 1)[:largest])
+    pixel = np.repeat(np.arange(largest), counts)
+    rect = order[np.arange(pixel.size) - np.repeat(np.cumsum(counts) - counts, counts)]
+    box, b = np.divmod(rect, ph * pw)
+    bin_row, bin_col = np.divmod(b, pw)
+    row, col = np.divmod(pixel, rects.cols.reshape(-1)[box * pw + bin_col])
+    line = rects.row0.reshape(-1)[box * ph + bin_row] + row
+    where = rects.image[box] * span + b * (h * w) + line * w + rects.col0.reshape(-1)[box * pw + bin_col] + col
+    weight = None
+    if rects.row_weight is not None:
+        wy = rects.row_weight.reshape(-1)[row * (k * ph) + box * ph + bin_row]
+        wx = rects.col_weight.reshape(-1)[col * (k * pw) + box * pw + bin_col]
+        weight = (wy * wx).astype(dtype, copy=False)  # as _pixels: product, then cast
+    return _ByArea(order, area[order], counts.tolist(), where, rect, weight)
+
+
+def _few_forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
+    """:func:`_forward` for few boxes (see :data:`SMALL`), bit for bit: one gather of
+    every pixel (:func:`_by_area`), one multiplication by the weights, and one addition
+    per pixel position ``p`` over all rectangles that have it."""
+    n = input.shape[0]
+    ph, pw = rects.output_size
+    out_channels = input.shape[1] // (ph * pw)
+    span = ph * pw * rects.height * rects.width
+    dtype = v.compute_dtype(input.dtype)
+    pixels = _by_area(rects, out_channels * span, dtype)
+    if n == 1:  # in range by construction: mode "wrap" only selects NumPy's faster loop
+        values = input.reshape(out_channels, span).take(pixels.where, axis=1, mode="wrap")
+    else:
+        index = (np.arange(out_channels) * span)[:, None] + pixels.where
+        values = input.reshape(-1).take(index, mode="wrap")
+    values = values.astype(dtype, copy=False)
+    if pixels.weight is not None:
+        values *= pixels.weight
+    sums = np.zeros((out_channels, pixels.order.size), dtype=dtype)  # 0: empty bins
+    at = 0
+    for m in pixels.counts:
+        sums[:, :m] += values[:, at : at + m]
+        at += m
+    if pixels.weight is None:  # PS-RoIPool: then / area, as torchvision
+        filled = pixels.counts[0] if pixels.counts else 0
+        sums[:, :filled] /= pixels.area[:filled].astype(dtype)
+    out = np.empty((out_channels, pixels.order.size), dtype=input.dtype)
+    out[:, pixels.order] = sums
+    k = rects.image.size
+    return np.ascontiguousarray(out.reshape(out_channels, k, ph, pw).transpose(1, 0, 2, 3))
+
+
+def _few(rects: _Rects) -> bool:
+    """Whether the few-box paths (:func:`_by_area`) apply: see :data:`SMALL`."""
+    k = rects.image.size
+    ph, pw = rects.output_size
+    return k * ph * pw * int(rects.rows.max(initial=0)) * int(rects.cols.max(initial=0)) <= SMALL
 
 
 def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.ndarray:
@@ -435,18 +490,17 @@ def _backward(grad_output: np.ndarray, input: np.ndarray, rects: _Rects) -> np.n
     if rects.row_weight is None:
         g /= np.maximum(rects.rows[:, :, None] * rects.cols[:, None, :], 1).reshape(k, ph * pw).astype(dtype)
     g = g.reshape(out_channels, -1)
-    if k * ph * pw * int(rects.rows.max(initial=0)) * int(rects.cols.max(initial=0)) <= SMALL:
-        # few boxes: the plan's sort and batches cost more than the adds they order
+    if _few(rects):  # the plan's sort and batches cost more than the adds they order
         flat, span = grad.reshape(-1), target.shape[2]
-        where, weight, rect = _unsorted_pixels(rects, out_channels * span, dtype)
-        group = max(1, 4 * CHUNK // max(where.size, 1))  # channels a call: bounds the temporaries
+        pixels = _by_area(rects, out_channels * span, dtype)
+        group = max(1, 4 * CHUNK // max(pixels.where.size, 1))  # channels a call: bounds the temporaries
         for c0 in range(0, out_channels, group):
             c1 = min(c0 + group, out_channels)
-            values = g[c0:c1].take(rect, axis=1, mode="wrap")  # (c1 - c0, pixels)
-            if weight is not None:
-                values *= weight
+            values = g[c0:c1].take(pixels.rect, axis=1, mode="wrap")  # (c1 - c0, pixels)
+            if pixels.weight is not None:
+                values *= pixels.weight
             # channel after channel, each pixel's adds in the same order as one call a channel
-            np.add.at(flat, ((np.arange(c0, c1) * span)[:, None] + where).ravel(), values.ravel())
+            np.add.at(flat, ((np.arange(c0, c1) * span)[:, None] + pixels.where).ravel(), values.ravel())
         return grad if grad.dtype == input.dtype else grad.astype(input.dtype)
     plan = _plan(rects)
     for batch in _batches(plan, 1, 4 * CHUNK):
