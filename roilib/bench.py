@@ -332,8 +332,9 @@ def run_cpu(repeat: int, threads: int, box_counts=BOX_COUNTS, only: Optional[str
                 continue
             if only and only not in label:
                 continue
+            n = FPN_BOXES if op in _FAMILY_RUNNERS else boxes  # the row says what it ran
             for backward in (False,) if _forward_only(kwargs) else (False, True):
-                rows.append(_row(case, backward, boxes, channels, map_hw, repeat, threads, peers))
+                rows.append(_row(case, backward, n, channels, map_hw, repeat, threads, peers))
     return rows
 
 
@@ -382,7 +383,8 @@ def format_table(rows: List[dict], compact: bool = False) -> str:
     columns = [("roilib ms", 10), ("tv ms", 9), ("ratio", 7), ("roilib MiB", 11), ("tv MiB", 8),
                ("mem x", 7), ("|sum diff|", 11)]
     keep = [0, 1, 2, 5] if compact else list(range(len(columns)))
-    head = f"{'op':<24}{'boxes':>6}  {'pass':<9}" + "".join(f"{columns[i][0]:>{columns[i][1]}}" for i in keep)
+    op = max([24] + [len(row["case"]) + 1 for row in rows])
+    head = f"{'op':<{op}}{'boxes':>6}  {'pass':<9}" + "".join(f"{columns[i][0]:>{columns[i][1]}}" for i in keep)
     lines = [head, "-" * len(head)]
     for row in rows:
         ours, peer = row.get("roilib"), row.get("torchvision")
@@ -397,20 +399,21 @@ def format_table(rows: List[dict], compact: bool = False) -> str:
             f"{ours['peak_mib'] / max(peer['peak_mib'], 1):7.2f}" if ours and peer else f"{'-':>7}",
             f"{abs(ours['checksum'] - peer['checksum']):11.2e}" if ours and peer else f"{'-':>11}",
         ]
-        lines.append(f"{row['case']:<24}{boxes:>6}  {row['pass_']:<9}" + "".join(cells[i] for i in keep))
+        lines.append(f"{row['case']:<{op}}{boxes:>6}  {row['pass_']:<9}" + "".join(cells[i] for i in keep))
     return "\n".join(lines)
 
 
 def format_scaling(rows: List[dict]) -> str:
     """The scaling rows: one line per (axis value, op, pass), time and ratio."""
-    head = f"{'axis':<9}{'value':>9}  {'op':<24}{'pass':<9}{'roilib ms':>10}{'tv ms':>9}{'ratio':>7}"
+    op = max([24] + [len(row["case"]) + 1 for row in rows])
+    head = f"{'axis':<9}{'value':>9}  {'op':<{op}}{'pass':<9}{'roilib ms':>10}{'tv ms':>9}{'ratio':>7}"
     lines = [head, "-" * len(head)]
     for row in rows:
         axis = row["axis"]
         value = "x".join(map(str, row["map_hw"])) if axis == "map_hw" else str(row[axis])
         ours, peer, ratio = row.get("roilib"), row.get("torchvision"), _ratio(row)
         lines.append(
-            f"{axis:<9}{value:>9}  {row['case']:<24}{row['pass_']:<9}"
+            f"{axis:<9}{value:>9}  {row['case']:<{op}}{row['pass_']:<9}"
             + (f"{ours['best'] * 1e3:10.1f}" if ours else f"{'failed':>10}")
             + (f"{peer['best'] * 1e3:9.1f}" if peer else f"{'-':>9}")
             + (f"{ratio:7.2f}" if ratio is not None else f"{'-':>7}")

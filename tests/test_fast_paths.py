@@ -128,6 +128,31 @@ def test_bench_tables_format():
     assert "0.50" in bench.format_scaling([row])
 
 
+
+def test_bench_rows_say_how_many_boxes_they_ran(monkeypatch):
+    """The FPN rows run a workload of their own: they print its box count, not the block's."""
+    ran = []
+    monkeypatch.setattr(bench, "_peers", lambda: ["roilib"])
+    monkeypatch.setattr(bench, "_row", lambda case, backward, boxes, *a: ran.append((case, boxes)) or {})
+    bench.run_cpu(1, 1, box_counts=(715, 16))
+    ops = {bench.CASES[case][1] for case, _ in ran}
+    assert "multiscale_roi_align" in ops and "roi_pool" in ops
+    for case, boxes in ran:
+        op = bench.CASES[case][1]
+        assert boxes == bench.FPN_BOXES if op == "multiscale_roi_align" else boxes in (715, 16)
+
+
+def test_bench_tables_fit_the_longest_op_label():
+    timing = dict(best=0.002, median=0.003, peak_mib=4.0, checksum=1.0)
+    label = "a_rather_long_op_label sr=2"  # longer than the default 24-character column
+    row = dict(case=label, op="roi_pool", pass_="forward", boxes=1000, channels=8, map_hw=[10, 12],
+               roilib=timing, torchvision=dict(timing, best=0.004), axis="boxes")
+    for table in (bench.format_table([row]), bench.format_scaling([row])):
+        head, _, line = table.splitlines()
+        assert label + " " in line
+        assert line.index("forward") == head.index("pass")  # the columns stay aligned
+
+
 # -- RoIAlign's average: in place, in channel groups, per sample ---------------------------
 
 ALIGN_SHAPE = (2, 10, 40, 48)  # 10 channels: groups of 4, 4 and 2; 40 rows: tall boxes
