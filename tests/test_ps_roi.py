@@ -314,18 +314,23 @@ def test_backward_few_boxes_path_is_taken_below_its_size_only(rng, monkeypatch):
 def test_forward_few_boxes_path_matches_the_planned_one_bit_for_bit(op, kw, dtype, rng, monkeypatch):
     """The few-box forward (pixels listed by area, summed one pixel position at a time)
     adds each rectangle's pixels in the planned path's order: equal bits, for overlapping
-    boxes, boxes off the map, across its edges, empty, in image 1, no boxes and one box."""
+    boxes, boxes off the map, across its edges, empty, in other images, no boxes and one
+    box, all channels in one gather or one channel a gather."""
     from roilib.reference import ps_roi
 
-    x, rois = _ps_case(rng, dtype, shape=(3, 9, 11))
-    rois = np.concatenate([rois, _odd_boxes(3), [[2, 1.0, 2.0, 8.0, 7.0], [2, 1.0, 2.0, 8.0, 7.0]]])
     fwd = getattr(roilib, op)
-    for k in (len(rois), 0, 1):
-        few = fwd(x, rois[:k], (3, 2), 0.5, **kw)
-        assert few.dtype == dtype and few.shape == (k, 2, 3, 2)
-        monkeypatch.setattr(ps_roi, "SMALL", 0)
-        np.testing.assert_array_equal(fwd(x, rois[:k], (3, 2), 0.5, **kw), few)
-        monkeypatch.undo()
+    for n in (3, 1):  # boxes in several images; all in one (a gather along a view's rows)
+        x, rois = _ps_case(rng, dtype, shape=(n, 9, 11))
+        rois = np.concatenate([rois, _odd_boxes(n), [[n - 1, 1.0, 2.0, 8.0, 7.0]] * 2])
+        rois[:, 0] = np.minimum(rois[:, 0], n - 1)
+        for k in (len(rois), 0, 1):
+            few = fwd(x, rois[:k], (3, 2), 0.5, **kw)
+            assert few.dtype == dtype and few.shape == (k, 2, 3, 2)
+            monkeypatch.setattr(ps_roi, "CHUNK", 1)  # one channel a gather
+            np.testing.assert_array_equal(fwd(x, rois[:k], (3, 2), 0.5, **kw), few)
+            monkeypatch.setattr(ps_roi, "SMALL", 0)  # the planned path
+            np.testing.assert_array_equal(fwd(x, rois[:k], (3, 2), 0.5, **kw), few)
+            monkeypatch.undo()
 
 
 def test_forward_few_boxes_path_is_taken_below_its_size_only(rng, monkeypatch):

@@ -436,28 +436,33 @@ def _by_area(rects: _Rects, span: int, dtype) -> _ByArea:
 def _few_forward(input: np.ndarray, rects: _Rects) -> np.ndarray:
     """:func:`_forward` for few boxes (see :data:`SMALL`), bit for bit: one gather of
     every pixel (:func:`_by_area`), one multiplication by the weights, and one addition
-    per pixel position ``p`` over all rectangles that have it."""
-    n = input.shape[0]
+    per pixel position ``p`` over all rectangles that have it; for a group of channels at
+    a time when there are many (the gathered values stay under ``4 * CHUNK``)."""
     ph, pw = rects.output_size
     out_channels = input.shape[1] // (ph * pw)
     span = ph * pw * rects.height * rects.width
     dtype = v.compute_dtype(input.dtype)
     pixels = _by_area(rects, out_channels * span, dtype)
-    if n == 1:  # in range by construction: mode "wrap" only selects NumPy's faster loop
-        values = input.reshape(out_channels, span).take(pixels.where, axis=1, mode="wrap")
-    else:
-        index = (np.arange(out_channels) * span)[:, None] + pixels.where
-        values = input.reshape(-1).take(index, mode="wrap")
-    values = values.astype(dtype, copy=False)
-    if pixels.weight is not None:
-        values *= pixels.weight
+    one_image = input.reshape(out_channels, span) if input.shape[0] == 1 else None
+    filled = pixels.counts[0] if pixels.counts else 0  # the non-empty rectangles
     sums = np.zeros((out_channels, pixels.order.size), dtype=dtype)  # 0: empty bins
-    at = 0
-    for m in pixels.counts:
-        sums[:, :m] += values[:, at : at + m]
-        at += m
+    group = max(1, 4 * CHUNK // max(pixels.where.size, 1))
+    for c0 in range(0, out_channels, group):
+        c1 = min(c0 + group, out_channels)
+        # in range by construction: mode "wrap" only selects NumPy's faster loop
+        if one_image is not None:  # a gather along the rows of a view: no index per channel
+            values = one_image[c0:c1].take(pixels.where, axis=1, mode="wrap")
+        else:
+            index = (np.arange(c0, c1) * span)[:, None] + pixels.where
+            values = input.reshape(-1).take(index, mode="wrap")
+        values = values.astype(dtype, copy=False)
+        if pixels.weight is not None:
+            values *= pixels.weight
+        part, at = sums[c0:c1], 0
+        for m in pixels.counts:
+            part[:, :m] += values[:, at : at + m]
+            at += m
     if pixels.weight is None:  # PS-RoIPool: then / area, as torchvision
-        filled = pixels.counts[0] if pixels.counts else 0
         sums[:, :filled] /= pixels.area[:filled].astype(dtype)
     out = np.empty((out_channels, pixels.order.size), dtype=input.dtype)
     out[:, pixels.order] = sums
