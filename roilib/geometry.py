@@ -450,8 +450,9 @@ def axis_samples(start, bin_size, grid: int, n_bins: int, size: int, dtype=np.fl
         Samples per bin.
     n_bins : int
         Output size along this axis.
-    size : int
-        Map size along this axis (``H`` or ``W``).
+    size : int or ndarray of int, shape (K, 1)
+        Map size along this axis (``H`` or ``W``), or each box's (boxes of both axes
+        in one call).
     dtype : numpy dtype
         Arithmetic dtype.
 

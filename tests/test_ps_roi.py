@@ -333,6 +333,28 @@ def test_forward_few_boxes_path_matches_the_planned_one_bit_for_bit(op, kw, dtyp
             monkeypatch.undo()
 
 
+def test_align_rects_take_both_axes_in_one_call_with_each_axis_own_result(rng):
+    """A square output takes rows and columns in one call of ``_spans`` (each row with its
+    own map size): the same runs and weights, bit for bit, as one call per axis."""
+    from roilib.geometry import roi_align_boxes
+    from roilib.reference import ps_roi
+
+    _, rois = _ps_case(rng, shape=(3, 9, 11))
+    rois = np.concatenate([rois, _odd_boxes(3)])
+    for sampling_ratio in (2, -1):
+        rects = ps_roi._align_rects(rois, (3, 3), 0.5, sampling_ratio, 9, 11, np.float64)
+        geo = roi_align_boxes(rois, (3, 3), 0.5, sampling_ratio, True, np.float64)
+        row0, rows, row_weight = ps_roi._spans(geo.start_y, geo.bin_h, geo.grid_h, 3, 9, np.float64)
+        col0, cols, col_weight = ps_roi._spans(geo.start_x, geo.bin_w, geo.grid_w, 3, 11, np.float64)
+        row_weight /= np.repeat(geo.count.astype(np.float64), 3)
+        for got, want in ((rects.row0, row0), (rects.rows, rows), (rects.col0, col0), (rects.cols, cols)):
+            np.testing.assert_array_equal(got, want)
+        # the joint call pads the shorter axis' weights with zero rows
+        for got, want in ((rects.row_weight, row_weight), (rects.col_weight, col_weight)):
+            np.testing.assert_array_equal(got[: len(want)], want)
+            assert not got[len(want) :].any()
+
+
 def test_forward_few_boxes_path_is_taken_below_its_size_only(rng, monkeypatch):
     """The forward, like the backward, lists the pixels by area only up to ``SMALL`` candidates."""
     from roilib.reference import ps_roi

@@ -49,6 +49,9 @@ from ..geometry import axis_samples, roi_align_boxes
 #: scatter handles: bounds the temporaries
 CHUNK = 1 << 16
 
+#: a sample row no valid sample has (its run is empty)
+_NO_SAMPLE = np.iinfo(np.int64).max // 2
+
 #: the forward and backward list the pixels without the plan (:func:`_by_area`) up to
 #: this many candidates (rectangles times the largest rectangle's grid): few boxes
 SMALL = 1 << 15
@@ -111,7 +114,7 @@ def _pool_rects(rois, output_size, spatial_scale, height, width, dtype) -> _Rect
     return _Rects(rois[:, 0].astype(np.int64), bins.hstart, rows, bins.wstart, cols, height, width)
 
 
-def _spans(start, bin_size, grid, n_bins: int, size: int, dtype):
+def _spans(start, bin_size, grid, n_bins: int, size, dtype):
     """Each bin's run of pixels touched by its valid samples, with the summed weights.
 
     Parameters
@@ -120,8 +123,11 @@ def _spans(start, bin_size, grid, n_bins: int, size: int, dtype):
         From :func:`roilib.geometry.roi_align_boxes`.
     grid : ndarray of int64, shape (K,)
         Samples per bin along this axis.
-    n_bins, size : int
-        Output size and map size along this axis.
+    n_bins : int
+        Output size along this axis.
+    size : int or ndarray of int64, shape (K,)
+        Map size along this axis, or each row's (both axes of equal output size in one
+        call: rows ``[0, K)`` one axis, ``[K, 2K)`` the other).
     dtype : numpy dtype
         Arithmetic dtype.
 
@@ -137,9 +143,11 @@ def _spans(start, bin_size, grid, n_bins: int, size: int, dtype):
     first = np.zeros((k, n_bins), dtype=np.int64)
     length = np.zeros((k, n_bins), dtype=np.int64)
     parts = []
+    sizes = np.asarray(size)
     for g in np.unique(grid[grid > 0]).tolist():  # a few distinct grid sizes
         idx = np.flatnonzero(grid == g)
-        s = axis_samples(start[idx], bin_size[idx], g, n_bins, size, dtype)
+        size_g = sizes if sizes.ndim == 0 else sizes[idx][:, None]  # broadcast over the samples
+        s = axis_samples(start[idx], bin_size[idx], g, n_bins, size_g, dtype)
 
         def by_sample(a):
             # (K_g, n_bins * g) -> (g, K_g * n_bins): reductions over the samples become
@@ -147,7 +155,7 @@ def _spans(start, bin_size, grid, n_bins: int, size: int, dtype):
             return np.ascontiguousarray(a.reshape(idx.size * n_bins, g).T)
 
         low, high, valid = by_sample(s.low), by_sample(s.high), by_sample(s.valid)
-        lo = np.where(valid, low, size).min(axis=0)
+        lo = np.where(valid, low, _NO_SAMPLE).min(axis=0)
         n = np.maximum(np.where(valid, high, -1).max(axis=0) - lo + 1, 0)
         first[idx] = np.where(n > 0, lo, 0).reshape(idx.size, n_bins)
         length[idx] = n.reshape(idx.size, n_bins)
@@ -169,8 +177,18 @@ def _align_rects(rois, output_size, spatial_scale, sampling_ratio, height, width
     """PS-RoIAlign's bins (``aligned=True``) as weighted rectangles."""
     ph, pw = output_size
     geo = roi_align_boxes(rois, output_size, spatial_scale, sampling_ratio, True, dtype)
-    row0, rows, row_weight = _spans(geo.start_y, geo.bin_h, geo.grid_h, ph, height, dtype)
-    col0, cols, col_weight = _spans(geo.start_x, geo.bin_w, geo.grid_w, pw, width, dtype)
+    if ph == pw:  # both axes in one call: its fixed cost weighs when there are few boxes
+        k = geo.start_y.shape[0]
+        both = _spans(
+            np.concatenate([geo.start_y, geo.start_x]), np.concatenate([geo.bin_h, geo.bin_w]),
+            np.concatenate([geo.grid_h, geo.grid_w]), ph, np.repeat([height, width], k), dtype,
+        )
+        (row0, col0), (rows, cols) = np.split(both[0], 2), np.split(both[1], 2)
+        row_weight = np.ascontiguousarray(both[2][:, : k * ph])
+        col_weight = np.ascontiguousarray(both[2][:, k * ph :])
+    else:
+        row0, rows, row_weight = _spans(geo.start_y, geo.bin_h, geo.grid_h, ph, height, dtype)
+        col0, cols, col_weight = _spans(geo.start_x, geo.bin_w, geo.grid_w, pw, width, dtype)
     row_weight /= np.repeat(geo.count.astype(dtype), ph)  # the average's divisor, once per box
     return _Rects(rois[:, 0].astype(np.int64), row0, rows, col0, cols, height, width, row_weight, col_weight)
 
