@@ -351,15 +351,18 @@ def scaling_points() -> List[tuple]:
     return list(_scaling_points())
 
 
-def run_scaling(repeat: int, threads: int) -> List[dict]:
+def run_scaling(repeat: int, threads: int, only: Optional[str] = None) -> List[dict]:
     """The scaling sweeps (see the module docstring); SPP only on channels and map size,
-    the position-sensitive ops only on the number of boxes (on R-FCN's map)."""
+    the position-sensitive ops only on the number of boxes (on R-FCN's map). ``only``:
+    just the cases whose label holds it."""
     peers = _peers()
     rows = []
     for axis, boxes, channels, map_hw in _scaling_points():
         for case in SCALING_CASES:
-            op = CASES[case][1]
+            label, op, _ = CASES[case]
             if (op == "spp" and axis == "boxes") or (op in _PS_RUNNERS and axis != "boxes"):
+                continue
+            if only and only not in label:
                 continue
             for backward in (False, True):
                 row = _row(case, backward, boxes, channels, map_hw, repeat, threads, peers)
@@ -463,7 +466,7 @@ def main(argv=None) -> int:
             f"{base['boxes']} boxes, {base['channels']} channels, map {base['map_hw'][0]}x{base['map_hw'][1]} "
             f"(image = map x 4), output {OUTPUT_SIZE}x{OUTPUT_SIZE}; one axis varies at a time"
         )
-        rows = run_scaling(args.repeat, args.threads)
+        rows = run_scaling(args.repeat, args.threads, args.only)
         print(format_scaling(rows))
     else:
         print(

@@ -142,6 +142,17 @@ def test_bench_rows_say_how_many_boxes_they_ran(monkeypatch):
         assert boxes == bench.FPN_BOXES if op == "multiscale_roi_align" else boxes in (715, 16)
 
 
+def test_bench_scaling_measures_only_the_cases_asked_for(monkeypatch):
+    ran = []
+    monkeypatch.setattr(bench, "_peers", lambda: ["roilib"])
+    monkeypatch.setattr(bench, "_row", lambda case, *a: ran.append(bench.CASES[case][0]) or {})
+    bench.run_scaling(1, 1, only="roi_warp")
+    assert ran and set(ran) == {"roi_warp sr=2"}
+    ran.clear()
+    bench.run_scaling(1, 1)
+    assert len(set(ran)) == len(bench.SCALING_CASES)
+
+
 def test_bench_tables_fit_the_longest_op_label():
     timing = dict(best=0.002, median=0.003, peak_mib=4.0, checksum=1.0)
     label = "a_rather_long_op_label sr=2"  # longer than the default 24-character column
