@@ -167,8 +167,11 @@ def _ps_pool_axis(start, end, n_bins: int, size: int, dtype):
     p = np.arange(n_bins, dtype=dtype)
     lo = np.floor(p[None, :] * bin_size[:, None]).astype(np.int64)
     hi = np.ceil((p[None, :] + t(1)) * bin_size[:, None]).astype(np.int64)
-    lo = np.clip(lo + start[:, None], 0, size - 1)
-    hi = np.clip(hi + start[:, None], 0, size - 1)
+    # np.minimum/np.maximum in place: np.clip's dispatch costs more than these small arrays
+    lo += start[:, None]
+    hi += start[:, None]
+    for edge in (lo, hi):
+        np.minimum(np.maximum(edge, 0, out=edge), size - 1, out=edge)
     return lo, hi
 
 
