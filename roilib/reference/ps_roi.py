@@ -431,22 +431,29 @@ def _by_area(rects: _Rects, span: int, dtype) -> _ByArea:
     ``C_out * PH * PW * H * W``; ``dtype``: arithmetic dtype of the weights)."""
     (ph, pw), h, w = rects.output_size, rects.height, rects.width
     k = rects.image.size
+    shape = (k, ph, pw)
     area = (rects.rows[:, :, None] * rects.cols[:, None, :]).reshape(-1)
     order = np.argsort(-area, kind="stable")
     largest = int(area[order[0]]) if area.size else 0
     # rectangles with more than p pixels, p = 0 .. largest - 1
     counts = area.size - np.cumsum(np.bincount(area, minlength=largest + 1)[:largest])
+    # per rectangle (sorted): its columns, and its top-left pixel in the flat view
+    cols = np.broadcast_to(rects.cols[:, None, :], shape).reshape(-1)[order]
+    top_left = (rects.image * span)[:, None, None] + (np.arange(ph * pw) * (h * w)).reshape(ph, pw)
+    top_left = (top_left + (rects.row0 * w)[:, :, None] + rects.col0[:, None, :]).reshape(-1)[order]
+    # per pixel: the p-th pixel of the sorted rectangle i, at row p // cols, column p % cols
     pixel = np.repeat(np.arange(largest), counts)
-    rect = order[np.arange(pixel.size) - np.repeat(np.cumsum(counts) - counts, counts)]
-    box, b = np.divmod(rect, ph * pw)
-    bin_row, bin_col = np.divmod(b, pw)
-    row, col = np.divmod(pixel, rects.cols.reshape(-1)[box * pw + bin_col])
-    line = rects.row0.reshape(-1)[box * ph + bin_row] + row
-    where = rects.image[box] * span + b * (h * w) + line * w + rects.col0.reshape(-1)[box * pw + bin_col] + col
+    i = np.arange(pixel.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    c = cols[i]
+    row = pixel // c
+    where = top_left[i] + pixel + row * (w - c)  # + row * w + (pixel - row * c)
+    rect = order[i]
     weight = None
     if rects.row_weight is not None:
-        wy = rects.row_weight.reshape(-1)[row * (k * ph) + box * ph + bin_row]
-        wx = rects.col_weight.reshape(-1)[col * (k * pw) + box * pw + bin_col]
+        row_index = np.broadcast_to(np.arange(k * ph).reshape(k, ph, 1), shape).reshape(-1)[order]
+        col_index = np.broadcast_to(np.arange(k * pw).reshape(k, 1, pw), shape).reshape(-1)[order]
+        wy = rects.row_weight.reshape(-1)[row * (k * ph) + row_index[i]]
+        wx = rects.col_weight.reshape(-1)[(pixel - row * c) * (k * pw) + col_index[i]]
         weight = (wy * wx).astype(dtype, copy=False)  # as _pixels: product, then cast
     return _ByArea(order, area[order], counts.tolist(), where, rect, weight)
 
