@@ -158,8 +158,8 @@ class _Group(NamedTuple):
     ys: _AxisGrid
     xs: _AxisGrid
     weights: tuple  # w1..w4, (K, Uy, Ux) each: the bilinear weight of each corner
+    first: np.ndarray  # w1, NaN where the sample is not read: the sum is NaN there, no max takes it
     cells: tuple  # the four corners' cells, (K, Uy, Ux) each: map cells, then _cell_space's
-    all_read: bool  # every sample is within half a cell of the map
     tap_samples: np.ndarray  # (PH, PW, Ty * Tx): sample index uy * Ux + ux of tap j of each bin
 
 
@@ -175,7 +175,10 @@ def _group(boxes, image, ys: _AxisGrid, xs: _AxisGrid, height: int, width: int) 
     cells = (row_lo + col_lo, row_lo + col_hi, row_hi + col_lo, row_hi + col_hi)
     tap_samples = ys.taps[:, None, :, None] * xs.read.shape[1] + xs.taps[None, :, None, :]
     tap_samples = tap_samples.reshape(ys.taps.shape[0], xs.taps.shape[0], -1)
-    return _Group(boxes, ys, xs, weights, cells, bool(ys.read.all() and xs.read.all()), tap_samples)
+    first = weights[0]
+    if not (ys.read.all() and xs.read.all()):
+        first = np.where(ys.read[:, :, None] & xs.read[:, None, :], first, first.dtype.type(np.nan))
+    return _Group(boxes, ys, xs, weights, first, cells, tap_samples)
 
 
 def _groups(rois: np.ndarray, corners: np.ndarray, output_size, sampling_ratio: int, shape, dtype):
@@ -298,16 +301,14 @@ def _blocks(group: _Group, a: int, b: int, channels: int, buffers: _BlockBuffers
 def _sample_values(src: np.ndarray, group: _Group, a: int, b: int, values, scratch) -> np.ndarray:
     """Every distinct sample of boxes ``a:b``, channels-last ``(K, Uy, Ux, C)``: the corners
     gathered from ``src`` (``(M, C)``), weighed and added left to right as the kernel does;
-    NaN where the sample is not read (no maximum takes it)."""
-    for j, (cells, weight) in enumerate(zip(group.cells, group.weights)):
+    NaN where the sample is not read (its first weight is NaN: no maximum takes it)."""
+    weights = (group.first,) + group.weights[1:]
+    for j, (cells, weight) in enumerate(zip(group.cells, weights)):
         dest = values if j == 0 else scratch
         np.take(src, cells[a:b], axis=0, out=dest, mode="clip")
         dest *= weight[a:b, :, :, None]
         if j:
             values += scratch
-    if not group.all_read:
-        read = group.ys.read[a:b, :, None] & group.xs.read[a:b, None, :]
-        values[~read] = np.nan
     return values
 
 
