@@ -114,7 +114,7 @@ class _AxisGrid(NamedTuple):
     """One axis of boxes that share a step count ``g``: the distinct sample positions of
     each box, the bilinear reads there (``(K, U)`` each), and each bin's samples."""
 
-    taps: np.ndarray  # (P, g + 1): position index of sample j of bin p (an absent one: sample 0's)
+    taps: np.ndarray  # (P, g + 1): slot of sample j of bin p among the positions (absent: sample 0's)
     picks: tuple  # taps[:, j] for each j, as a slice where it is evenly spaced (a view, not a copy)
     read: np.ndarray  # (K, U) bool: within half a cell of the map
     lo: np.ndarray  # (K, U) int64
@@ -134,6 +134,27 @@ def _evenly(index: np.ndarray):
     return index
 
 
+def _tap_order(taps: np.ndarray) -> np.ndarray:
+    """The order to store an axis' distinct positions in (their indices, ``(U,)``): every
+    tap ``j`` of the bins, ``taps[:, j]``, a run of consecutive slots, so that a bin's
+    taps and the ``(P, C)`` values they read are one contiguous block, not ``P`` runs of
+    ``C`` (NumPy's loops over a block run several times as fast). That is the positions
+    grouped by their remainder modulo the bins' stride ``s`` when ``taps[p, j] = taps[0, j]
+    + p s`` (``g = 2``: the even positions, then the odd ones); the given order otherwise.
+    The values and every maximum are the same in any order."""
+    n_bins = taps.shape[0]
+    identity = np.arange(int(taps.max()) + 1)
+    if n_bins < 2:
+        return identity
+    stride = int(taps[1, 0] - taps[0, 0])
+    if stride <= 0 or not (np.diff(taps, axis=0) == stride).all():
+        return identity
+    order = np.argsort(identity % stride, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = identity
+    return order if (np.diff(rank[taps], axis=0) == 1).all() else identity
+
+
 def _axis_grid(starts, bin_size, n_bins: int, grid: int, size: int, dtype) -> _AxisGrid:
     """:class:`_AxisGrid` of boxes with corners ``starts`` and bins ``bin_size`` (``(K,)``)."""
     frac, present = warp_steps(n_bins, grid, dtype)
@@ -145,6 +166,11 @@ def _axis_grid(starts, bin_size, n_bins: int, grid: int, size: int, dtype) -> _A
     # an absent sample repeats the bin's first: it never changes the max, nor the
     # first maximal sample, which comes earlier in the layer's order
     taps = np.where(present, taps, taps[:, :1])
+    # stored in an order where each tap of the bins is a run of neighbouring slots
+    order = _tap_order(taps)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    taps, positions = rank[taps], positions[order]
     coord = starts[:, None] + positions * bin_size[:, None]
     r = _taps(coord, size, np.True_)
     picks = tuple(_evenly(taps[:, j]) for j in range(taps.shape[1]))
