@@ -233,9 +233,12 @@ def _cell_space(groups, n_cells: int):
             used[cells] = True
     if np.count_nonzero(used) > _DENSE_CELLS * n_cells:
         return None, groups
-    rank = np.cumsum(used, dtype=np.intp)
-    rank -= 1
-    return np.flatnonzero(used), [g._replace(cells=tuple(rank[c] for c in g.cells)) for g in groups]
+    cells = np.flatnonzero(used)
+    # each cell's position, written (and read) only where a corner reads: with few boxes
+    # on a large map, a running count over every cell of the map cost more than the rest
+    rank = np.empty(n_cells, dtype=np.intp)
+    rank[cells] = np.arange(cells.size)
+    return cells, [g._replace(cells=tuple(rank[c] for c in g.cells)) for g in groups]
 
 
 def _n_cells(cells, x: np.ndarray) -> int:
