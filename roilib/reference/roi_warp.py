@@ -372,12 +372,14 @@ def _winning_taps(values: np.ndarray, best: np.ndarray, group: _Group) -> np.nda
     rank = np.min_scalar_type(n).type
     code = np.zeros(best.shape, dtype=rank)
     hit = np.empty(best.shape, dtype=bool)
+    term = np.empty(best.shape, dtype=rank)
     for jy in range(ny):
         rows = _pick(values, 1, group.ys.picks[jy])
         for jx in range(nx):
             np.equal(_pick(rows, 2, group.xs.picks[jx]), best, out=hit)
             # the first hit has the largest n - j
-            np.maximum(code, hit.view(np.uint8) * rank(n - jy * nx - jx), out=code)
+            np.multiply(hit.view(np.uint8), rank(n - jy * nx - jx), out=term)
+            np.maximum(code, term, out=code)
     return code
 
 
@@ -528,7 +530,10 @@ def _corner_adds(p: _GradPass, group: _Group, table: _Lookup, block, entry, out)
     np.take(table.cells.reshape(-1, 4), entry, axis=0, out=index, mode="clip")
     index += p.lanes
     np.take(table.weights.reshape(-1, 4), entry, axis=0, out=value, mode="clip")
-    value *= np.repeat(gk, 4).reshape(value.shape)
+    # each output's g times its four weights: looped over the outputs, corner by corner
+    # (order="C" on the transposed view), not four values at a time
+    corners = value.reshape(-1, 4).T
+    np.multiply(corners, gk.reshape(-1), out=corners, order="C")
 
 
 def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sampling_ratio) -> np.ndarray:
