@@ -26,14 +26,16 @@ sums rounded in that order, so it cannot be split into a row pass and a column p
 *sampling*: the samples of a box are the product of its row positions and its column
 positions, and with ``g = 2`` (or any ``g`` whose steps add up to exactly 1) the last
 sample of a bin is the first of the next, so a box has ``(P g + 1)^2`` distinct samples
-instead of ``P^2 (g + 1)^2``. Boxes sharing their step counts are evaluated together,
-a group of channels at a time (no channels-last copy of the whole map at once):
+instead of ``P^2 (g + 1)^2``. They are stored grouped by their place in a bin (with
+``g = 2``, the bins' first samples, then their middle ones), so that each tap of the bins
+reads one contiguous block of values. Boxes sharing their step counts are evaluated
+together, a group of channels at a time (no channels-last copy of the whole map at once):
 
 1. the map cells the corners read are made channels-last: the whole map's (a plain
    transpose) when the boxes read most of it, else only those cells, gathered;
 2. for a block of boxes, the four corners of every distinct sample are gathered from
    them (``np.take`` of whole channel vectors), weighed and added, all the pass's
-   channels at once; a sample outside the map is NaN;
+   channels at once; a sample outside the map is NaN (its first weight is);
 3. each bin's maximum is taken over its samples, columns first, then rows (``np.fmax``
    skips the NaN samples, as the layer's ``>`` does);
 4. the backward finds each bin's winner, its first sample equal to the maximum in the
