@@ -474,7 +474,8 @@ def _lookup(group: _Group, channels: int = 1) -> _Lookup:
     taps = group.tap_samples.reshape(-1)
     # the four corners side by side first: one take of whole (4,) rows per sample
     cells = np.take(np.stack([c.reshape(k, -1) for c in group.cells], axis=-1), taps, axis=1)
-    cells *= channels
+    if channels != 1:
+        cells *= channels
     weights = np.take(np.stack([w.reshape(k, -1) for w in group.weights], axis=-1), taps, axis=1)
     end = (np.arange(1, k * ph * pw + 1, dtype=np.intp) * n).reshape(k, ph, pw, 1)
     return _Lookup(cells.reshape(k, ph, pw, n, 4), weights.reshape(k, ph, pw, n, 4), end)
