@@ -349,6 +349,7 @@ LAYOUTS = {
     ),
     "winners by reductions": dict(_TAP_LOOP=0),
     "winners tap by tap": dict(_TAP_LOOP=10**6),
+    "samples stored in coordinate order": dict(_tap_order=lambda taps: np.arange(int(taps.max()) + 1)),
 }
 
 
@@ -437,3 +438,35 @@ def test_warp_steps_and_bins_are_warp_axis(rng):
                 np.testing.assert_array_equal(axis.frac, frac)
                 np.testing.assert_array_equal(axis.present, present)
                 np.testing.assert_array_equal(axis.coord, starts[k] + frac * bin_size[k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_bins,grid", [(7, 2), (3, 4), (5, 3), (4, 1), (1, 2), (2, 0)])
+def test_stored_samples_are_the_bins_taps_each_a_contiguous_run_where_possible(
+    rng, monkeypatch, dtype, n_bins, grid
+):
+    # the distinct positions are stored in a tap-friendly order: tap j of bin p must read
+    # what it reads with the positions in coordinate order, and with steps that end
+    # exactly on the next bin's start (g = 1, 2, 4) every tap is a slice of step 1
+    starts = np.round(rng.uniform(-8, 45, 9)).astype(dtype)  # some off the map
+    bin_size = rng.uniform(0.2, 9, 9).astype(dtype)
+    axis = rw._axis_grid(starts, bin_size, n_bins, grid, 40, dtype)
+    monkeypatch.setattr(rw, "_tap_order", lambda taps: np.arange(int(taps.max()) + 1))
+    plain = rw._axis_grid(starts, bin_size, n_bins, grid, 40, dtype)
+    for field in ("read", "lo", "hi", "wlo", "whi"):
+        got, expected = getattr(axis, field), getattr(plain, field)
+        np.testing.assert_array_equal(got[:, axis.taps], expected[:, plain.taps])
+    for j, pick in enumerate(axis.picks):
+        np.testing.assert_array_equal(np.arange(axis.read.shape[1])[pick], axis.taps[:, j])
+    if grid in (1, 2, 4) or n_bins == 1:
+        assert all(isinstance(pick, slice) and pick.step in (None, 1) for pick in axis.picks)
+
+
+def test_tap_order_groups_positions_by_their_remainder_or_keeps_them():
+    regular = np.array([[0, 1, 2], [2, 3, 4], [4, 5, 6]])  # g = 2: shared ends
+    np.testing.assert_array_equal(rw._tap_order(regular), [0, 2, 4, 6, 1, 3, 5])
+    unshared = np.array([[0, 1, 2], [3, 4, 5]])  # steps that stop short of the next bin
+    np.testing.assert_array_equal(rw._tap_order(unshared), [0, 3, 1, 4, 2, 5])
+    irregular = np.array([[0, 1, 0], [2, 3, 4]])  # an absent last sample in bin 0
+    np.testing.assert_array_equal(rw._tap_order(irregular), np.arange(5))
+    np.testing.assert_array_equal(rw._tap_order(np.array([[0, 1, 2]])), np.arange(3))

@@ -26,14 +26,16 @@ sums rounded in that order, so it cannot be split into a row pass and a column p
 *sampling*: the samples of a box are the product of its row positions and its column
 positions, and with ``g = 2`` (or any ``g`` whose steps add up to exactly 1) the last
 sample of a bin is the first of the next, so a box has ``(P g + 1)^2`` distinct samples
-instead of ``P^2 (g + 1)^2``. Boxes sharing their step counts are evaluated together,
-a group of channels at a time (no channels-last copy of the whole map at once):
+instead of ``P^2 (g + 1)^2``. They are stored grouped by their place in a bin (with
+``g = 2``, the bins' first samples, then their middle ones), so that each tap of the bins
+reads one contiguous block of values. Boxes sharing their step counts are evaluated
+together, a group of channels at a time (no channels-last copy of the whole map at once):
 
 1. the map cells the corners read are made channels-last: the whole map's (a plain
    transpose) when the boxes read most of it, else only those cells, gathered;
 2. for a block of boxes, the four corners of every distinct sample are gathered from
    them (``np.take`` of whole channel vectors), weighed and added, all the pass's
-   channels at once; a sample outside the map is NaN;
+   channels at once; a sample outside the map is NaN (its first weight is);
 3. each bin's maximum is taken over its samples, columns first, then rows (``np.fmax``
    skips the NaN samples, as the layer's ``>`` does);
 4. the backward finds each bin's winner, its first sample equal to the maximum in the
@@ -114,7 +116,7 @@ class _AxisGrid(NamedTuple):
     """One axis of boxes that share a step count ``g``: the distinct sample positions of
     each box, the bilinear reads there (``(K, U)`` each), and each bin's samples."""
 
-    taps: np.ndarray  # (P, g + 1): position index of sample j of bin p (an absent one: sample 0's)
+    taps: np.ndarray  # (P, g + 1): slot of sample j of bin p among the positions (absent: sample 0's)
     picks: tuple  # taps[:, j] for each j, as a slice where it is evenly spaced (a view, not a copy)
     read: np.ndarray  # (K, U) bool: within half a cell of the map
     lo: np.ndarray  # (K, U) int64
@@ -134,6 +136,27 @@ def _evenly(index: np.ndarray):
     return index
 
 
+def _tap_order(taps: np.ndarray) -> np.ndarray:
+    """The order to store an axis' distinct positions in (their indices, ``(U,)``): every
+    tap ``j`` of the bins, ``taps[:, j]``, a run of consecutive slots, so that a bin's
+    taps and the ``(P, C)`` values they read are one contiguous block, not ``P`` runs of
+    ``C`` (NumPy's loops over a block run several times as fast). That is the positions
+    grouped by their remainder modulo the bins' stride ``s`` when ``taps[p, j] = taps[0, j]
+    + p s`` (``g = 2``: the even positions, then the odd ones); the given order otherwise.
+    The values and every maximum are the same in any order."""
+    n_bins = taps.shape[0]
+    identity = np.arange(int(taps.max()) + 1)
+    if n_bins < 2:
+        return identity
+    stride = int(taps[1, 0] - taps[0, 0])
+    if stride <= 0 or not (np.diff(taps, axis=0) == stride).all():
+        return identity
+    order = np.argsort(identity % stride, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = identity
+    return order if (np.diff(rank[taps], axis=0) == 1).all() else identity
+
+
 def _axis_grid(starts, bin_size, n_bins: int, grid: int, size: int, dtype) -> _AxisGrid:
     """:class:`_AxisGrid` of boxes with corners ``starts`` and bins ``bin_size`` (``(K,)``)."""
     frac, present = warp_steps(n_bins, grid, dtype)
@@ -145,6 +168,11 @@ def _axis_grid(starts, bin_size, n_bins: int, grid: int, size: int, dtype) -> _A
     # an absent sample repeats the bin's first: it never changes the max, nor the
     # first maximal sample, which comes earlier in the layer's order
     taps = np.where(present, taps, taps[:, :1])
+    # stored in an order where each tap of the bins is a run of neighbouring slots
+    order = _tap_order(taps)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    taps, positions = rank[taps], positions[order]
     coord = starts[:, None] + positions * bin_size[:, None]
     r = _taps(coord, size, np.True_)
     picks = tuple(_evenly(taps[:, j]) for j in range(taps.shape[1]))
@@ -158,8 +186,8 @@ class _Group(NamedTuple):
     ys: _AxisGrid
     xs: _AxisGrid
     weights: tuple  # w1..w4, (K, Uy, Ux) each: the bilinear weight of each corner
+    first: np.ndarray  # w1, NaN where the sample is not read: the sum is NaN there, no max takes it
     cells: tuple  # the four corners' cells, (K, Uy, Ux) each: map cells, then _cell_space's
-    all_read: bool  # every sample is within half a cell of the map
     tap_samples: np.ndarray  # (PH, PW, Ty * Tx): sample index uy * Ux + ux of tap j of each bin
 
 
@@ -175,7 +203,10 @@ def _group(boxes, image, ys: _AxisGrid, xs: _AxisGrid, height: int, width: int) 
     cells = (row_lo + col_lo, row_lo + col_hi, row_hi + col_lo, row_hi + col_hi)
     tap_samples = ys.taps[:, None, :, None] * xs.read.shape[1] + xs.taps[None, :, None, :]
     tap_samples = tap_samples.reshape(ys.taps.shape[0], xs.taps.shape[0], -1)
-    return _Group(boxes, ys, xs, weights, cells, bool(ys.read.all() and xs.read.all()), tap_samples)
+    first = weights[0]
+    if not (ys.read.all() and xs.read.all()):
+        first = np.where(ys.read[:, :, None] & xs.read[:, None, :], first, first.dtype.type(np.nan))
+    return _Group(boxes, ys, xs, weights, first, cells, tap_samples)
 
 
 def _groups(rois: np.ndarray, corners: np.ndarray, output_size, sampling_ratio: int, shape, dtype):
@@ -204,9 +235,12 @@ def _cell_space(groups, n_cells: int):
             used[cells] = True
     if np.count_nonzero(used) > _DENSE_CELLS * n_cells:
         return None, groups
-    rank = np.cumsum(used, dtype=np.intp)
-    rank -= 1
-    return np.flatnonzero(used), [g._replace(cells=tuple(rank[c] for c in g.cells)) for g in groups]
+    cells = np.flatnonzero(used)
+    # each cell's position, written (and read) only where a corner reads: with few boxes
+    # on a large map, a running count over every cell of the map cost more than the rest
+    rank = np.empty(n_cells, dtype=np.intp)
+    rank[cells] = np.arange(cells.size)
+    return cells, [g._replace(cells=tuple(rank[c] for c in g.cells)) for g in groups]
 
 
 def _n_cells(cells, x: np.ndarray) -> int:
@@ -298,16 +332,14 @@ def _blocks(group: _Group, a: int, b: int, channels: int, buffers: _BlockBuffers
 def _sample_values(src: np.ndarray, group: _Group, a: int, b: int, values, scratch) -> np.ndarray:
     """Every distinct sample of boxes ``a:b``, channels-last ``(K, Uy, Ux, C)``: the corners
     gathered from ``src`` (``(M, C)``), weighed and added left to right as the kernel does;
-    NaN where the sample is not read (no maximum takes it)."""
-    for j, (cells, weight) in enumerate(zip(group.cells, group.weights)):
+    NaN where the sample is not read (its first weight is NaN: no maximum takes it)."""
+    weights = (group.first,) + group.weights[1:]
+    for j, (cells, weight) in enumerate(zip(group.cells, weights)):
         dest = values if j == 0 else scratch
         np.take(src, cells[a:b], axis=0, out=dest, mode="clip")
         dest *= weight[a:b, :, :, None]
         if j:
             values += scratch
-    if not group.all_read:
-        read = group.ys.read[a:b, :, None] & group.xs.read[a:b, None, :]
-        values[~read] = np.nan
     return values
 
 
@@ -342,12 +374,14 @@ def _winning_taps(values: np.ndarray, best: np.ndarray, group: _Group) -> np.nda
     rank = np.min_scalar_type(n).type
     code = np.zeros(best.shape, dtype=rank)
     hit = np.empty(best.shape, dtype=bool)
+    term = np.empty(best.shape, dtype=rank)
     for jy in range(ny):
         rows = _pick(values, 1, group.ys.picks[jy])
         for jx in range(nx):
             np.equal(_pick(rows, 2, group.xs.picks[jx]), best, out=hit)
             # the first hit has the largest n - j
-            np.maximum(code, hit.view(np.uint8) * rank(n - jy * nx - jx), out=code)
+            np.multiply(hit.view(np.uint8), rank(n - jy * nx - jx), out=term)
+            np.maximum(code, term, out=code)
     return code
 
 
@@ -438,8 +472,11 @@ def _lookup(group: _Group, channels: int = 1) -> _Lookup:
     k = group.boxes.size
     ph, pw, n = group.tap_samples.shape
     taps = group.tap_samples.reshape(-1)
-    cells = np.stack([np.take(c.reshape(k, -1) * channels, taps, axis=1) for c in group.cells], axis=-1)
-    weights = np.stack([np.take(w.reshape(k, -1), taps, axis=1) for w in group.weights], axis=-1)
+    # the four corners side by side first: one take of whole (4,) rows per sample
+    cells = np.take(np.stack([c.reshape(k, -1) for c in group.cells], axis=-1), taps, axis=1)
+    if channels != 1:
+        cells *= channels
+    weights = np.take(np.stack([w.reshape(k, -1) for w in group.weights], axis=-1), taps, axis=1)
     end = (np.arange(1, k * ph * pw + 1, dtype=np.intp) * n).reshape(k, ph, pw, 1)
     return _Lookup(cells.reshape(k, ph, pw, n, 4), weights.reshape(k, ph, pw, n, 4), end)
 
@@ -498,7 +535,10 @@ def _corner_adds(p: _GradPass, group: _Group, table: _Lookup, block, entry, out)
     np.take(table.cells.reshape(-1, 4), entry, axis=0, out=index, mode="clip")
     index += p.lanes
     np.take(table.weights.reshape(-1, 4), entry, axis=0, out=value, mode="clip")
-    value *= np.repeat(gk, 4).reshape(value.shape)
+    # each output's g times its four weights: looped over the outputs, corner by corner
+    # (order="C" on the transposed view), not four values at a time
+    corners = value.reshape(-1, 4).T
+    np.multiply(corners, gk.reshape(-1), out=corners, order="C")
 
 
 def _input_gradient(g: np.ndarray, x: np.ndarray, rois, corners, output_size, sampling_ratio) -> np.ndarray:
