@@ -25,7 +25,10 @@ the input), each against its nearest torchvision peer:
 Each measurement runs in a fresh worker process so that its peak memory can be read on
 its own: the worker builds the inputs, resets the kernel's resident-set high-water mark
 (``/proc/self/clear_refs``), runs the op once, and reports ``VmHWM - VmRSS`` as the extra
-peak memory; then it times ``--repeat`` further calls and reports the best and median.
+peak memory; then it times ``--repeat`` further calls, and more while they add up to
+less than :data:`MIN_SECONDS` (at most :data:`MAX_CALLS`), so that a call of a fraction
+of a millisecond is not judged on five samples of a shared machine's noise; it reports
+the best and median.
 The ratio is roilib's best time over torchvision's (below 1 means roilib is faster).
 torchvision's backward is timed alone (``out.backward``); its forward saved what it needs.
 Thread counts are pinned (``--threads``, default 1: torchvision's CPU RoI kernels run on
@@ -219,6 +222,28 @@ def _runner(impl: str, op: str, kwargs: dict, backward: bool, boxes: int, channe
     return backward_only
 
 
+#: a measurement keeps timing calls until they add up to this many seconds ...
+MIN_SECONDS = 0.5
+#: ... or it has timed this many (the calls after ``--repeat`` only refine the best)
+MAX_CALLS = 200
+
+
+def _timed_calls(run, repeat: int, min_seconds: float = MIN_SECONDS) -> List[float]:
+    """Seconds of each timed call of ``run``: ``repeat`` of them, then more until they add
+    up to ``min_seconds`` or number :data:`MAX_CALLS`."""
+    times: List[float] = []
+    while len(times) < repeat or (sum(times) < min_seconds and len(times) < MAX_CALLS):
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+        times.append(run.elapsed if getattr(run, "times_itself", False) else elapsed)
+    return times
+
+
+def _best_of(repeat: int) -> str:
+    return f"best of {repeat} calls or more (at least {MIN_SECONDS:g} s, at most {MAX_CALLS} calls)"
+
+
 def _worker(spec: dict) -> dict:
     _, op, kwargs = CASES[spec["case"]]
     run = _runner(spec["impl"], op, kwargs, spec["backward"], spec["boxes"], spec["channels"], spec["map_hw"])
@@ -228,12 +253,7 @@ def _worker(spec: dict) -> dict:
     peak_known = _reset_peak()
     result = run()
     peak = (_memory_kib("VmHWM") - before) / 1024 if peak_known else float("nan")
-    times = []
-    for _ in range(spec["repeat"]):
-        start = time.perf_counter()
-        run()
-        elapsed = time.perf_counter() - start
-        times.append(run.elapsed if getattr(run, "times_itself", False) else elapsed)
+    times = _timed_calls(run, spec["repeat"], spec.get("min_seconds", MIN_SECONDS))
     digest = float(np.asarray(result, dtype=np.float64).sum())
     return dict(best=min(times), median=float(np.median(times)), peak_mib=peak, checksum=digest)
 
@@ -462,7 +482,7 @@ def main(argv=None) -> int:
     if args.scaling:
         base = SCALING_BASE
         print(
-            f"roilib.bench --scaling: CPU, {args.threads} thread(s), best of {args.repeat}; base point "
+            f"roilib.bench --scaling: CPU, {args.threads} thread(s), {_best_of(args.repeat)}; base point "
             f"{base['boxes']} boxes, {base['channels']} channels, map {base['map_hw'][0]}x{base['map_hw'][1]} "
             f"(image = map x 4), output {OUTPUT_SIZE}x{OUTPUT_SIZE}; one axis varies at a time"
         )
@@ -470,7 +490,7 @@ def main(argv=None) -> int:
         print(format_scaling(rows))
     else:
         print(
-            f"roilib.bench: CPU, {args.threads} thread(s), best of {args.repeat}; input "
+            f"roilib.bench: CPU, {args.threads} thread(s), {_best_of(args.repeat)}; input "
             f"{'x'.join(map(str, MAP_SHAPE))} float32, {' and '.join(map(str, args.boxes))} boxes in a "
             f"{IMAGE_HW[0]}x{IMAGE_HW[1]} image, output {OUTPUT_SIZE}x{OUTPUT_SIZE}, "
             f"scale 1/{int(1 / SPATIAL_SCALE)}"

@@ -115,9 +115,35 @@ def test_block_and_whole_map_layouts_agree_bitwise(rng, monkeypatch, dtype):
 @pytest.mark.parametrize("case", range(len(bench.CASES)))
 @pytest.mark.parametrize("backward", [False, True])
 def test_bench_worker_runs_every_op_without_torchvision(case, backward):
-    spec = dict(impl="roilib", case=case, backward=backward, boxes=3, channels=4, map_hw=[10, 12], repeat=1)
+    spec = dict(impl="roilib", case=case, backward=backward, boxes=3, channels=4, map_hw=[10, 12], repeat=1,
+                min_seconds=0)
     result = bench._worker(spec)
     assert result["best"] > 0 and np.isfinite(result["checksum"])
+
+
+def _run_taking(seconds):
+    """A bench runner that says each call took ``seconds`` (as the backward runners do)."""
+    def run():
+        run.calls += 1
+        run.elapsed = seconds
+
+    run.calls, run.times_itself = 0, True
+    return run
+
+
+def test_bench_times_short_calls_until_they_fill_the_minimum_time():
+    run = _run_taking(0.1)
+    assert bench._timed_calls(run, 3, min_seconds=0.45) == [0.1] * 5 and run.calls == 5
+
+
+def test_bench_times_long_calls_only_repeat_times():
+    run = _run_taking(2.0)
+    assert bench._timed_calls(run, 3, min_seconds=0.5) == [2.0] * 3
+
+
+def test_bench_times_at_most_max_calls():
+    run = _run_taking(0.0)
+    assert len(bench._timed_calls(run, 3, min_seconds=0.5)) == bench.MAX_CALLS
 
 
 def test_bench_tables_format():
