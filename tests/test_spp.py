@@ -57,3 +57,23 @@ def test_column_segment_max_equals_one_reduceat(rng, dtype):
     out = spp_module._column_segment_max(x, starts)
     assert out.dtype == x.dtype
     np.testing.assert_array_equal(out, np.maximum.reduceat(x, starts, axis=3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, levels", CASES)
+def test_spp_max_and_its_position_are_window_max_s_nan_included(rng, dtype, shape, levels):
+    """Each cell's max and where it sits, as ``_pooling.window_max`` defines them: ties to
+    the first row, then the first column; a NaN max to the last row, then the last column
+    (NaN and -inf sprinkled over a map of many ties)."""
+    from roilib.reference._pooling import window_max
+
+    x = np.round(rng.standard_normal(shape), 0).astype(dtype)
+    x[rng.random(shape) < 0.15] = np.nan
+    x[rng.random(shape) < 0.1] = -np.inf
+    _, _, h, w = shape
+    for n, (pooled, (rows, cols)) in zip(levels, spp_module._max_levels(x, levels, with_arg=True)):
+        for i in range(shape[0]):
+            values, ar, ac, _ = window_max(x[i].transpose(1, 2, 0), spp_bins(h, n), spp_bins(w, n), True)
+            np.testing.assert_array_equal(pooled[i], values.transpose(2, 0, 1))  # NaN == NaN here
+            np.testing.assert_array_equal(rows[i], ar.transpose(2, 0, 1))
+            np.testing.assert_array_equal(cols[i], ac.transpose(2, 0, 1))

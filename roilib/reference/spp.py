@@ -8,6 +8,7 @@ import numpy as np
 from .. import _validate as v
 from ..geometry import spp_bins
 from ._layout import channels_first, channels_last, compute_dtype
+from ._pooling import _first_hit
 
 
 def _bin_average_matrix(length: int, n: int, dtype) -> np.ndarray:
@@ -45,7 +46,7 @@ def spp(input: np.ndarray, levels=(4, 2, 1), mode: str = "max") -> np.ndarray:
     """
     levels, mode = _check(input, levels, mode)
     if mode == "max":
-        return np.concatenate([pooled.reshape(len(input), -1) for pooled in _max_pyramid(input, levels)], axis=1)
+        return np.concatenate([pooled.reshape(len(input), -1) for pooled, _ in _max_levels(input, levels)], axis=1)
     x = channels_last(input)
     n_img, h, w, c = x.shape
     parts = []
@@ -115,32 +116,6 @@ def _segments(length: int, levels) -> Tuple[np.ndarray, list]:
     return starts, [(np.searchsorted(starts, s), np.searchsorted(starts, e)) for s, e in bins]
 
 
-def _max_pyramid(input: np.ndarray, levels):
-    """Yield the max of every cell of each level, ``(N, C, n, n)``, without locating it.
-
-    The map is read once, in its own layout: ``maximum.reduceat`` over the row segments
-    of all levels (:func:`_segments`) is an elementwise max of whole contiguous rows;
-    the column segments and the cells then work on a map of a few rows.
-    """
-    _, _, h, w = input.shape
-    row_starts, row_ranges = _segments(h, levels)
-    col_starts, col_ranges = _segments(w, levels)
-    seg = np.maximum.reduceat(np.maximum.reduceat(input, row_starts, axis=2), col_starts, axis=3)
-    for n, (r_first, r_last), (c_first, c_last) in zip(levels, row_ranges, col_ranges):
-        pooled = np.empty(input.shape[:2] + (n, n), dtype=input.dtype)
-        for p, (a, b) in enumerate(zip(r_first.tolist(), r_last.tolist())):
-            for q, (e, f) in enumerate(zip(c_first.tolist(), c_last.tolist())):
-                pooled[:, :, p, q] = seg[:, :, a:b, e:f].max(axis=(2, 3))
-        yield pooled
-
-
-def _first_hit(window: np.ndarray, best: np.ndarray) -> np.ndarray:
-    """Index of the first entry of ``window`` (last axis) equal to ``best``; the last
-    index when none is (a NaN max), as :func:`._pooling.window_max` does."""
-    hit = window == best[..., None]
-    return np.where(hit.any(axis=-1), hit.argmax(axis=-1), window.shape[-1] - 1)
-
-
 #: bytes of the map streamed into cache, then reduced, per step of the backward
 _STREAM_BYTES = 1 << 19
 
@@ -172,30 +147,38 @@ def _max_levels(input: np.ndarray, levels, with_arg: bool = False):
 
     The map is read once for all levels, in its own ``(N, C, H, W)`` layout: the max of
     each row over every column segment (:func:`_segments`), with ``maximum.reduceat``.
-    Everything after that works on arrays of ``H x segments``. The maxima and the tie
-    rule are :func:`._pooling.window_max`'s: reduce each row over the cell's columns,
-    take the first row holding the max, then the first column of that row holding it.
+    That small array is then made channels-last, ``(N, segments, H, C)``, so that every
+    later reduction (segments into bins, rows into cells) and every comparison with a
+    max is an elementwise pass over contiguous channel vectors, not a reduction over a
+    short strided axis. The maxima and the tie rule are :func:`._pooling.window_max`'s:
+    reduce each row over the cell's columns, take the first row holding the max, then
+    the first column of that row holding it (a NaN max: the last row, then the last
+    column).
     """
     n_img, c, h, w = input.shape
     col_starts, col_ranges = _segments(w, levels)
     seg = _column_segment_max(input, col_starts)  # (N, C, H, segments)
-    img, ch = np.arange(n_img)[:, None, None], np.arange(c)[None, :, None]
+    seg = np.ascontiguousarray(seg.transpose(0, 3, 2, 1))  # (N, segments, H, C)
+    img, ch = np.arange(n_img)[:, None], np.arange(c)[None, :]
     for n, (first, last) in zip(levels, col_ranges):
         rs, re = spp_bins(h, n)
         cs, ce = spp_bins(w, n)
-        # each row's max over each column bin: (N, C, H, n)
-        row_max = np.stack([seg[..., a:b].max(axis=-1) for a, b in zip(first.tolist(), last.tolist())], axis=-1)
+        # each row's max over each column bin: (N, n, H, C)
+        row_max = np.empty((n_img, n, h, c), dtype=input.dtype)
+        for q, (a, b) in enumerate(zip(first.tolist(), last.tolist())):
+            np.maximum.reduce(seg[:, a:b], axis=1, out=row_max[:, q])
         pooled = np.empty((n_img, c, n, n), dtype=input.dtype)
         where = (np.empty(pooled.shape, np.int64), np.empty(pooled.shape, np.int64)) if with_arg else None
         for p, (r0, r1) in enumerate(zip(rs.tolist(), re.tolist())):
-            window = row_max[:, :, r0:r1, :].transpose(0, 1, 3, 2)  # (N, C, n, R)
-            pooled[:, :, p, :] = best = window.max(axis=-1)
+            window = row_max[:, :, r0:r1]  # (N, n, R, C)
+            best = np.maximum.reduce(window, axis=2)  # (N, n, C)
+            pooled[:, :, p, :] = best.transpose(0, 2, 1)
             if not with_arg:
                 continue
-            row = r0 + _first_hit(window, best)  # (N, C, n)
+            rows = r0 + _first_hit(window, best, 2)  # (N, n, C)
             for q, (c0, c1) in enumerate(zip(cs.tolist(), ce.tolist())):
-                r = row[..., q]
-                line = input[img, ch, r[..., None], np.arange(c0, c1)]  # (N, C, S)
+                r = rows[:, q]  # (N, C)
+                line = input[img[..., None], ch[..., None], r[..., None], np.arange(c0, c1)]  # (N, C, S)
                 where[0][:, :, p, q] = r
-                where[1][:, :, p, q] = c0 + _first_hit(line, row_max[img[..., 0], ch[..., 0], r, q])
+                where[1][:, :, p, q] = c0 + _first_hit(line, row_max[img, q, r, ch], 2)
         yield pooled, where
