@@ -324,19 +324,28 @@ def test_scratch_reuses_its_buffer_per_slot_and_thread():
     assert not np.shares_memory(_pooling.scratch(5, huge, np.float32), _pooling.scratch(5, huge, np.float32))
 
 
+#: the backward's scatter orders: box by box (a map whose gradient fits in cache), and
+#: channel by channel (a larger one)
+SCATTER_ORDERS = {"box_major": 1 << 40, "channel_major": 0}
+
+
+@pytest.mark.parametrize("order", SCATTER_ORDERS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_roi_pool_backward_is_the_same_in_any_chunk_size(rng, monkeypatch, dtype):
+def test_roi_pool_backward_is_the_same_in_any_chunk_size_and_scatter_order(rng, monkeypatch, dtype, order):
     x = np.round(rng.standard_normal((2, 5, 12, 15)), 1).astype(dtype)
     rois = _boxes(rng, 20, 2, 12, 15, 0.5)  # some empty bins: -1 in some chunks only
     g = rng.standard_normal((len(rois), 5, 3, 4)).astype(dtype)
     _, argmax = roilib.roi_pool(x, rois, (3, 4), 0.5, return_argmax=True)
+    searched = roilib.roi_pool_backward(g, x, rois, (3, 4), 0.5)  # argmax found again
+    monkeypatch.setattr(roi_pool_module, "BOX_MAJOR_BYTES", SCATTER_ORDERS[order])
     one_go = roilib.roi_pool_backward(g, x, rois, (3, 4), 0.5, argmax=argmax)
-    monkeypatch.setattr(roi_pool_module, "_CHUNK", 1)  # one channel per step
+    monkeypatch.setattr(roi_pool_module, "_CHUNK", 1)  # one box / one channel per step
     chunked = roilib.roi_pool_backward(g, x, rois, (3, 4), 0.5, argmax=argmax)
     as_int32 = roilib.roi_pool_backward(g, x, rois, (3, 4), 0.5, argmax=argmax.astype(np.int32))
+    strided_g = roilib.roi_pool_backward(np.asfortranarray(g), x, rois, (3, 4), 0.5, argmax=argmax)  # copied
     assert one_go.dtype == x.dtype
-    np.testing.assert_array_equal(one_go, chunked)
-    np.testing.assert_array_equal(one_go, as_int32)
+    for other in (searched, chunked, as_int32, strided_g):
+        np.testing.assert_array_equal(one_go, other)
 
 
 def test_roi_pool_backward_adds_in_box_then_bin_order(rng):
@@ -353,13 +362,15 @@ def test_roi_pool_backward_adds_in_box_then_bin_order(rng):
         assert grad[0, ch, 1, 1] == total
 
 
+@pytest.mark.parametrize("order", SCATTER_ORDERS)
 @pytest.mark.parametrize("bad", [np.array(-2), np.array(36), np.array(2**64 - 1, np.uint64)])
-def test_roi_pool_backward_rejects_an_argmax_out_of_range_in_any_chunk(rng, monkeypatch, bad):
+def test_roi_pool_backward_rejects_an_argmax_out_of_range_in_any_chunk(rng, monkeypatch, bad, order):
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
-    rois = np.array([[0, 0, 0, 4, 4]], np.float32)
+    rois = np.array([[0, 0, 0, 4, 4], [0, 1, 1, 5, 5]], np.float32)  # the last box: the last chunk
     out, argmax = roilib.roi_pool(x, rois, 2, 1.0, return_argmax=True)
     monkeypatch.setattr(roi_pool_module, "_CHUNK", 1)
+    monkeypatch.setattr(roi_pool_module, "BOX_MAJOR_BYTES", SCATTER_ORDERS[order])
     argmax = argmax.astype(bad.dtype if bad.dtype == np.uint64 else np.int64)
-    argmax[0, 2, 1, 1] = bad  # the last channel: the last chunk
+    argmax[-1, 2, 1, 1] = bad  # the last box and channel: the last chunk of either order
     with pytest.raises(ValueError, match="argmax entries must be -1 or a flat index"):
         roilib.roi_pool_backward(out, x, rois, 2, 1.0, argmax=argmax)

@@ -31,6 +31,11 @@ ARGMAX_WHOLE_MAP_FRACTION = 3.5
 #: a box read from the ``(N, C, H, W)`` map is searched a few channels at a time when all
 #: of them would need more work memory than this (:func:`_pool`)
 ARGMAX_WORK_BYTES = 4 << 20
+#: the backward scatters box after box, reading the argmax and the gradient in their own
+#: order, when the input's gradient is at most this many bytes: it stays in cache
+#: whatever planes the adds land on. A larger one is scattered a few channels at a time
+#: so that the planes written stay in cache, at the cost of reading both arrays strided.
+BOX_MAJOR_BYTES = 8 << 20
 #: boxes per block of :func:`_pool`'s 16-bit offsets (each block is made int64 flat
 #: indices, then freed, at the end)
 _EXPAND_BOXES = 64
@@ -397,6 +402,30 @@ def _check_argmax_range(part: np.ndarray, hw: int) -> bool:
     return bool(low >= 0)
 
 
+def _scatter_box_major(grad, grad_output, argmax, planes, hw: int) -> None:
+    """``grad[planes + argmax] += grad_output`` in (box, channel, bin) order, a block of
+    boxes at a time (see :func:`roi_pool_backward`); ``planes`` ``(K, C)``."""
+    k = argmax.shape[0]
+    per_box = argmax[0].size if k else 1
+    step = max(1, _CHUNK // max(1, per_box))
+    size = min(step, k) * per_box
+    index_buffer, value_buffer = scratch(0, size, np.int64), scratch(1, size, grad.dtype)
+    same = grad_output.dtype == grad.dtype and grad_output.flags.c_contiguous
+    for k0 in range(0, k, step):
+        arg = argmax[k0 : k0 + step]
+        routes_all = _check_argmax_range(arg, hw)
+        flat = index_buffer[: arg.size].reshape(arg.shape)
+        np.add(arg, planes[k0 : k0 + step, :, None, None], out=flat, dtype=np.int64, casting="unsafe")
+        part = grad_output[k0 : k0 + step]
+        if not same:  # add.at's fast path wants contiguous values of grad's dtype
+            part = value_buffer[: arg.size].reshape(arg.shape)
+            np.copyto(part, grad_output[k0 : k0 + step])
+        if not routes_all:  # empty bins (-1) route nothing
+            routed = arg >= 0
+            flat, part = flat[routed], part[routed]
+        np.add.at(grad, flat.ravel(), part.ravel())
+
+
 def roi_pool_backward(
     grad_output: np.ndarray, input: np.ndarray, rois, output_size, spatial_scale: float = 1.0, argmax=None
 ) -> np.ndarray:
@@ -435,8 +464,12 @@ def roi_pool_backward(
     # flat NCHW index of each output's pixel: (image * C + channel) * H*W + argmax
     planes = (rois[:, 0].astype(np.int64)[:, None] * c + np.arange(c)[None, :]) * (h * w)
     # A pixel of one channel receives its adds in box order, then bin order, whatever
-    # the channels do; so the scatter may go channel by channel (a few at a time), which
-    # keeps the written planes and the index array in cache, and stays exact.
+    # the channels do; so the scatter may go box by box (a few at a time, in the arrays'
+    # own order) or channel by channel (which keeps the written planes of a large map in
+    # cache), and stays exact either way.
+    if grad.nbytes <= BOX_MAJOR_BYTES:
+        _scatter_box_major(grad, grad_output, argmax, planes, h * w)
+        return grad.reshape(input.shape).astype(input.dtype, copy=False)
     per_channel = argmax.size // max(c, 1)
     step = max(1, _CHUNK // max(1, per_channel))
     arg_c = argmax.transpose(1, 0, 2, 3)
