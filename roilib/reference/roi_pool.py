@@ -402,27 +402,35 @@ def _check_argmax_range(part: np.ndarray, hw: int) -> bool:
     return bool(low >= 0)
 
 
-def _scatter_box_major(grad, grad_output, argmax, planes, hw: int) -> None:
-    """``grad[planes + argmax] += grad_output`` in (box, channel, bin) order, a block of
-    boxes at a time (see :func:`roi_pool_backward`); ``planes`` ``(K, C)``."""
-    k = argmax.shape[0]
-    per_box = argmax[0].size if k else 1
-    step = max(1, _CHUNK // max(1, per_box))
-    size = min(step, k) * per_box
+def _scatter(grad, values, argmax, planes, hw: int) -> None:
+    """``grad[planes + argmax] += values``, a few entries of the first axis at a time, in
+    the order of the arrays' axes (see :func:`roi_pool_backward`).
+
+    ``values`` and ``argmax`` are ``(A, B, PH, PW)`` and ``planes`` ``(A, B)``, in either
+    order: ``A`` boxes and ``B`` channels, or views the other way round. Each step's
+    indices are made one contiguous int64 array (its range checked there, in cache), and
+    its values too unless they already are: ``np.add.at``'s fast path wants that.
+    """
+    n = argmax.shape[0]
+    per_entry = argmax[0].size if n else 1
+    step = max(1, _CHUNK // max(1, per_entry))
+    size = min(step, n) * per_entry
     index_buffer, value_buffer = scratch(0, size, np.int64), scratch(1, size, grad.dtype)
-    same = grad_output.dtype == grad.dtype and grad_output.flags.c_contiguous
-    for k0 in range(0, k, step):
-        arg = argmax[k0 : k0 + step]
-        routes_all = _check_argmax_range(arg, hw)
+    ready = values.dtype == grad.dtype and values.flags.c_contiguous
+    for i0 in range(0, n, step):
+        arg = argmax[i0 : i0 + step]
         flat = index_buffer[: arg.size].reshape(arg.shape)
-        np.add(arg, planes[k0 : k0 + step, :, None, None], out=flat, dtype=np.int64, casting="unsafe")
-        part = grad_output[k0 : k0 + step]
-        if not same:  # add.at's fast path wants contiguous values of grad's dtype
+        np.copyto(flat, arg, casting="unsafe")  # range checked next, before any use
+        routes_all = _check_argmax_range(flat, hw)
+        flat += planes[i0 : i0 + step, :, None, None]
+        part = values[i0 : i0 + step]
+        if not ready:
             part = value_buffer[: arg.size].reshape(arg.shape)
-            np.copyto(part, grad_output[k0 : k0 + step])
+            np.copyto(part, values[i0 : i0 + step])
         if not routes_all:  # empty bins (-1) route nothing
             routed = arg >= 0
             flat, part = flat[routed], part[routed]
+        # add.at adds repeated indices one by one in array order
         np.add.at(grad, flat.ravel(), part.ravel())
 
 
@@ -468,26 +476,7 @@ def roi_pool_backward(
     # own order) or channel by channel (which keeps the written planes of a large map in
     # cache), and stays exact either way.
     if grad.nbytes <= BOX_MAJOR_BYTES:
-        _scatter_box_major(grad, grad_output, argmax, planes, h * w)
-        return grad.reshape(input.shape).astype(input.dtype, copy=False)
-    per_channel = argmax.size // max(c, 1)
-    step = max(1, _CHUNK // max(1, per_channel))
-    arg_c = argmax.transpose(1, 0, 2, 3)
-    values = grad_output.transpose(1, 0, 2, 3)
-    planes_c = planes.T[:, :, None, None]
-    size = min(step, c) * per_channel
-    index_buffer, value_buffer = scratch(0, size, np.int64), scratch(1, size, dtype)
-    for c0 in range(0, c, step):
-        arg = arg_c[c0 : c0 + step]
-        flat = index_buffer[: arg.size].reshape(arg.shape)
-        part = value_buffer[: arg.size].reshape(arg.shape)
-        np.copyto(flat, arg)  # gathered once, contiguous: add.at's fast path wants that
-        routes_all = _check_argmax_range(flat, h * w)
-        flat += planes_c[c0 : c0 + step]
-        np.copyto(part, values[c0 : c0 + step])
-        if not routes_all:  # empty bins (-1) route nothing
-            routed = arg >= 0
-            flat, part = flat[routed], part[routed]
-        # add.at adds repeated indices one by one in array order (box, then bin)
-        np.add.at(grad, flat.ravel(), part.ravel())
+        _scatter(grad, grad_output, argmax, planes, h * w)
+    else:
+        _scatter(grad, grad_output.transpose(1, 0, 2, 3), argmax.transpose(1, 0, 2, 3), planes.T, h * w)
     return grad.reshape(input.shape).astype(input.dtype, copy=False)
